@@ -1,0 +1,157 @@
+"""AutoSAM: a frozen SAM prompted by the trained prompt generator g (paper section 3, Fig. 2).
+
+    low_res_logits = D_s(E_s(I), dense_prompt_embeddings = g(I), sparse = empty)
+
+Only g (``prompt_generator``) and the optional surrogate decoder h (``surrogate_decoder``) are
+trainable; they are the *trainable state* that a site sends to the server. SAM never travels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sam import FrozenSam, resize_and_pad, resized_shape
+
+TRAINABLE_PREFIXES = ("prompt_generator.", "surrogate_decoder.")
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+class StateMismatchError(ValueError):
+    """A trainable state does not fit the model (missing/unexpected key or a different shape)."""
+
+
+class AutoSam(nn.Module):
+    """Frozen SAM + prompt generator g (+ optional surrogate decoder h).
+
+    Args:
+        sam: a :class:`FrozenSam`.
+        prompt_generator: module mapping ImageNet-normalised images (B, 3, G, G) to
+            dense_prompt_embeddings (B, 256, 64, 64) in [-1, 1].
+        surrogate_decoder: optional module mapping (B, 256, 64, 64) to mask logits (B, 1, 256, 256).
+        g_input_size: side G (pixels) of g's square input; the image is resized (longest side) and
+            padded bottom/right exactly like SAM's input so g's output grid aligns with SAM's.
+    """
+
+    def __init__(self, sam: FrozenSam, prompt_generator: nn.Module, surrogate_decoder: nn.Module | None = None,
+                 g_input_size: int = 256):
+        super().__init__()
+        self.sam = sam
+        self.prompt_generator = prompt_generator
+        self.surrogate_decoder = surrogate_decoder
+        self.g_input_size = g_input_size
+
+    # ----- inputs -------------------------------------------------------------------------------
+    def g_input(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 RGB (H, W, 3) -> g's input float32 (3, G, G): longest side G, ImageNet-normalised, padded."""
+        return resize_and_pad(image, self.g_input_size, IMAGENET_MEAN_255, IMAGENET_STD_255)[0]
+
+    def low_res_target(self, mask: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Binary mask (H, W) -> (target float32 (1, 256, 256) in {0, 1}, valid (h, w) region).
+
+        The mask is resized (nearest) into the low-res frame of SAM's padded input: its longest side
+        becomes 256 pixels, the rest is padding (background, excluded from the loss).
+        """
+        lh, lw = self.sam.spec.low_res_size
+        h, w = resized_shape(mask.shape[:2], lh)
+        m = torch.from_numpy(np.ascontiguousarray(mask > 0)).float()[None, None]
+        m = F.interpolate(m, size=(h, w), mode="nearest")[0]
+        return F.pad(m, (0, lw - w, 0, lh - h)), (h, w)
+
+    # ----- forward ------------------------------------------------------------------------------
+    def forward(self, image_embeddings: torch.Tensor, g_inputs: torch.Tensor) -> torch.Tensor:
+        """AutoSAM forward (paper Eq. 1 with Z_I = g(I)).
+
+        Args:
+            image_embeddings: (B, 256, 64, 64) from the frozen encoder (cached float16 accepted).
+            g_inputs: (B, 3, G, G) float32 from :meth:`g_input`.
+
+        Returns:
+            low_res_logits float32 (B, 1, 256, 256).
+        """
+        dense_prompt_embeddings = self.prompt_generator(g_inputs)
+        return self.sam.decode(image_embeddings, dense_prompt_embeddings)
+
+    def surrogate_logits(self, g_inputs: torch.Tensor) -> torch.Tensor:
+        """h(g(I)): (B, 3, G, G) -> mask logits (B, 1, 256, 256) in the same low-res frame as SAM's.
+
+        Raises:
+            RuntimeError: the model has no surrogate decoder.
+        """
+        if self.surrogate_decoder is None:
+            raise RuntimeError("this AutoSam has no surrogate decoder (set model.surrogate: true)")
+        return self.surrogate_decoder(self.prompt_generator(g_inputs))
+
+    @torch.no_grad()
+    def predict_logits(self, image: np.ndarray, image_embeddings: torch.Tensor | None = None,
+                       surrogate: bool = False) -> torch.Tensor:
+        """Full pipeline for one image: uint8 (H, W, 3) -> logits float32 (H, W) at the original size.
+
+        Args:
+            image: uint8 RGB (H, W, 3).
+            image_embeddings: optional cached (1, 256, 64, 64) or (256, 64, 64) embeddings of ``image``.
+            surrogate: use h(g(I)) instead of SAM(g(I)).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            sam_input, input_size = self.sam.preprocess(image)
+            g = self.g_input(image)[None]
+            if surrogate:
+                low = self.surrogate_logits(g)
+            else:
+                if image_embeddings is None:
+                    image_embeddings = self.sam.encode(sam_input[None])
+                low = self(image_embeddings.reshape(1, *image_embeddings.shape[-3:]), g)
+            # h's output lives in the same 256x256 low-res frame as SAM's, so one postprocess serves both.
+            logits = self.sam.postprocess(low, input_size, image.shape[:2])
+            return logits[0, 0]
+        finally:
+            self.train(was_training)
+
+    # ----- trainable state ----------------------------------------------------------------------
+    def trainable_state(self) -> "OrderedDict[str, torch.Tensor]":
+        """g's (and h's) parameters and buffers, keys ``prompt_generator.*`` / ``surrogate_decoder.*``.
+
+        Tensors are detached CPU copies; BatchNorm ``num_batches_tracked`` stays int64. Nothing of
+        SAM is included.
+        """
+        return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items()
+                           if k.startswith(TRAINABLE_PREFIXES))
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load g's (and h's) state strictly.
+
+        Raises:
+            StateMismatchError: a SAM key is present, a key is missing or unexpected, or a shape
+            differs; the message names the first offending key and both shapes.
+        """
+        own = self.trainable_state()
+        for key in state:
+            if not key.startswith(TRAINABLE_PREFIXES):
+                raise StateMismatchError(f"trainable state may only hold g/h keys; found {key!r}")
+            if key not in own:
+                raise StateMismatchError(f"unexpected key {key!r} (this model's g/h has no such entry)")
+        for key, ref in own.items():
+            if key not in state:
+                raise StateMismatchError(f"missing key {key!r} (expected shape {tuple(ref.shape)})")
+            if tuple(state[key].shape) != tuple(ref.shape):
+                raise StateMismatchError(
+                    f"key {key!r}: shape {tuple(state[key].shape)} in the state, {tuple(ref.shape)} in this model")
+        self.load_state_dict({k: torch.as_tensor(v).to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+    def num_trainable_parameters(self) -> dict[str, int]:
+        """Parameter counts: ``g_params``, ``h_params``, ``sam_params``, ``sam_trainable_params``."""
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        return {
+            "g_params": count(self.prompt_generator),
+            "h_params": count(self.surrogate_decoder),
+            "sam_params": count(self.sam),
+            "sam_trainable_params": sum(p.numel() for p in self.sam.parameters() if p.requires_grad),
+        }

