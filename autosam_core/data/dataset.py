@@ -1,0 +1,455 @@
+"""Dataset discovery, image/mask pairing by file stem, and the segmentation dataset.
+
+Data layout (DESIGN.md section 6, ``../shared/data/README.md``)::
+
+    <dataset>/images/<stem>.<jpg|png|...>
+    <dataset>/masks/<stem>.png            0/255
+    <dataset>/splits/<split>.txt          one stem per line
+
+Images and masks are paired by stem, never by sorted order (DESIGN.md section 1, known flaws of the
+public AutoSAM code). Image/mask sizes are compared from the file headers and mismatches are rejected,
+never padded. Nothing is dropped silently: every skipped file is listed in a :class:`PairingReport`,
+and :class:`SegmentationDataset` logs its summary at WARNING when anything was skipped.
+
+This module does not import torch: :class:`SegmentationDataset` is a plain map-style dataset
+(``__len__`` + ``__getitem__``), which ``torch.utils.data.DataLoader`` accepts as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import ImageFormatError, image_size, load_image, load_mask
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MASK_EXTENSIONS",
+    "DATA_ROOT_ENV",
+    "SplitNotFoundError",
+    "EmptyDatasetError",
+    "Pair",
+    "PairingReport",
+    "data_root",
+    "read_split",
+    "list_splits",
+    "pair_by_stem",
+    "SegmentationDataset",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Recognised image file extensions (lower case; matching is case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+#: Recognised mask extensions in order of preference when one stem has several (lossless first).
+MASK_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+#: Environment variable overriding :func:`data_root`.
+DATA_ROOT_ENV = "AUTOSAM_DATA"
+
+_MAX_NAMES_IN_SUMMARY = 5
+
+
+class SplitNotFoundError(FileNotFoundError):
+    """A split file ``<dataset>/splits/<split>.txt`` does not exist; the message lists the ones that do."""
+
+
+class EmptyDatasetError(ValueError):
+    """No usable image/mask pair remains; the message names the directory, split and skip reasons."""
+
+
+def data_root() -> Path:
+    """Return the root folder of the shared datasets.
+
+    Source: DESIGN.md section 6 / docs/ARCHITECTURE.md: ``$AUTOSAM_DATA`` when set and non-empty,
+    else ``<repo root>/../shared/data`` where the repo root is the parent of the ``autosam_core``
+    package directory. The path is returned as is (``~`` expanded); its existence is not checked.
+
+    Returns:
+        ``pathlib.Path`` of the data root.
+    """
+    env = os.environ.get(DATA_ROOT_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    repo_root = Path(__file__).resolve().parents[2]
+    return repo_root.parent / "shared" / "data"
+
+
+def list_splits(dataset_dir: str | os.PathLike) -> list[str]:
+    """Names of the split files in ``<dataset_dir>/splits`` (``*.txt`` without the suffix), sorted.
+
+    Returns an empty list when the ``splits`` folder does not exist. Source: DESIGN.md section 6.
+    """
+    splits_dir = Path(dataset_dir) / "splits"
+    if not splits_dir.is_dir():
+        return []
+    return sorted(p.stem for p in splits_dir.glob("*.txt") if p.is_file())
+
+
+def read_split(dataset_dir: str | os.PathLike, split: str) -> list[str]:
+    """Read the stems listed in ``<dataset_dir>/splits/<split>.txt``.
+
+    Source: DESIGN.md section 6 (one stem per line). Surrounding whitespace is stripped; blank
+    lines and lines starting with ``#`` are ignored. ``split`` may be given with or without the
+    ``.txt`` suffix.
+
+    Args:
+        dataset_dir: dataset folder (the one holding ``images/``, ``masks/``, ``splits/``).
+        split: split name, e.g. ``"pranet_test"``.
+
+    Returns:
+        list of stems (str) in file order.
+
+    Raises:
+        SplitNotFoundError (a ``FileNotFoundError``): the split file is missing; the message names
+            the file and lists the available splits.
+        ValueError: the file lists a stem more than once (names the file and the stems).
+    """
+    name = split[:-4] if split.endswith(".txt") else split
+    path = Path(dataset_dir) / "splits" / f"{name}.txt"
+    if not path.is_file():
+        available = list_splits(dataset_dir)
+        listing = ", ".join(available) if available else "none"
+        raise SplitNotFoundError(
+            f"split file not found: {path} (split {split!r}); available splits: {listing}"
+        )
+    stems: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stem = line.strip()
+        if stem and not stem.startswith("#"):
+            stems.append(stem)
+    seen: set[str] = set()
+    duplicates = sorted({s for s in stems if s in seen or seen.add(s)})
+    if duplicates:
+        raise ValueError(
+            f"{path}: stems listed more than once: {', '.join(duplicates[:10])}"
+            f"{' ...' if len(duplicates) > 10 else ''}; expected each stem once"
+        )
+    return stems
+
+
+def _natural_key(stem: str) -> list[Any]:
+    """Sort key ordering '2' before '10'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", stem)]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image/mask pair sharing a file stem (DESIGN.md sections 1 and 6).
+
+    Attributes:
+        stem: file name without extension, e.g. ``"cju0qkwl35piu0993l0dewei2"``.
+        image_path: path of the image file.
+        mask_path: path of the mask file (same (H, W) as the image, checked from headers).
+    """
+
+    stem: str
+    image_path: Path
+    mask_path: Path
+
+
+def _fmt_size(hw: tuple[int, int]) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+def _fmt_names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_IN_SUMMARY])
+    return shown + (", ..." if len(names) > _MAX_NAMES_IN_SUMMARY else "")
+
+
+@dataclass
+class PairingReport:
+    """Outcome of :func:`pair_by_stem`: the usable pairs and every skipped file, by reason.
+
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md section 1 (pair by stem).
+
+    Attributes:
+        pairs: usable pairs, in split order when stems were given, else in natural stem order.
+        missing_masks: stems that have an image but no mask.
+        orphan_masks: stems that have a mask but no image. Only filled when the whole folder is
+            paired (``stems=None``); with a split, such stems are in ``missing_from_split``.
+        size_mismatch: ``(stem, image (H, W), mask (H, W))`` for pairs rejected because the sizes
+            differ (never padded or resized).
+        missing_from_split: stems listed in the split that have no image file.
+        ambiguous_images: ``(stem, [paths])`` for stems with several image files (e.g. ``a.jpg``
+            and ``a.png``); rejected since the right one cannot be known.
+        unreadable: ``(stem, path, error)`` for files whose header could not be read.
+        images_dir, masks_dir: the folders that were paired.
+    """
+
+    pairs: list[Pair] = field(default_factory=list)
+    missing_masks: list[str] = field(default_factory=list)
+    orphan_masks: list[str] = field(default_factory=list)
+    size_mismatch: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    missing_from_split: list[str] = field(default_factory=list)
+    ambiguous_images: list[tuple[str, list[Path]]] = field(default_factory=list)
+    unreadable: list[tuple[str, Path, str]] = field(default_factory=list)
+    images_dir: Path | None = None
+    masks_dir: Path | None = None
+
+    @property
+    def num_used(self) -> int:
+        """Number of usable pairs."""
+        return len(self.pairs)
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of skipped items over all reasons."""
+        return (
+            len(self.missing_masks)
+            + len(self.orphan_masks)
+            + len(self.size_mismatch)
+            + len(self.missing_from_split)
+            + len(self.ambiguous_images)
+            + len(self.unreadable)
+        )
+
+    @property
+    def stems(self) -> list[str]:
+        """Stems of the usable pairs, in order."""
+        return [p.stem for p in self.pairs]
+
+    def summary(self) -> str:
+        """One line counting used and skipped pairs by reason, naming the first few of each.
+
+        Example: ``"1 pair used, 4 skipped: 1 missing mask (c); 1 orphan mask (d); 1 size mismatch
+        (a: image HxW 389x517 vs mask HxW 389x516)"``.
+        """
+        used = f"{self.num_used} pair{'s' if self.num_used != 1 else ''} used"
+        if self.num_skipped == 0:
+            return f"{used}, 0 skipped"
+        parts: list[str] = []
+        if self.missing_masks:
+            parts.append(f"{len(self.missing_masks)} missing mask ({_fmt_names(self.missing_masks)})")
+        if self.orphan_masks:
+            parts.append(f"{len(self.orphan_masks)} orphan mask ({_fmt_names(self.orphan_masks)})")
+        if self.size_mismatch:
+            items = [
+                f"{stem}: image HxW {_fmt_size(ih)} vs mask HxW {_fmt_size(mh)}"
+                for stem, ih, mh in self.size_mismatch
+            ]
+            parts.append(f"{len(items)} size mismatch ({_fmt_names(items)})")
+        if self.missing_from_split:
+            parts.append(
+                f"{len(self.missing_from_split)} missing from split "
+                f"({_fmt_names(self.missing_from_split)})"
+            )
+        if self.ambiguous_images:
+            items = [
+                f"{stem}: {' / '.join(p.name for p in paths)}" for stem, paths in self.ambiguous_images
+            ]
+            parts.append(f"{len(items)} ambiguous image ({_fmt_names(items)})")
+        if self.unreadable:
+            items = [f"{p.name}: {err}" for _, p, err in self.unreadable]
+            parts.append(f"{len(items)} unreadable ({_fmt_names(items)})")
+        return f"{used}, {self.num_skipped} skipped: " + "; ".join(parts)
+
+
+def _index_dir(folder: Path, extensions: Sequence[str]) -> dict[str, list[Path]]:
+    """Map stem -> files in ``folder`` with one of ``extensions`` (case-insensitive, hidden files skipped)."""
+    index: dict[str, list[Path]] = {}
+    exts = set(extensions)
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or entry.suffix.lower() not in exts or not entry.is_file():
+            continue
+        index.setdefault(entry.stem, []).append(entry)
+    return index
+
+
+def _pick_mask(paths: list[Path]) -> Path:
+    """Choose the preferred mask file among several with the same stem (``.png`` first)."""
+    return min(paths, key=lambda p: (MASK_EXTENSIONS.index(p.suffix.lower()), p.name))
+
+
+def pair_by_stem(
+    images_dir: str | os.PathLike,
+    masks_dir: str | os.PathLike,
+    stems: Iterable[str] | None = None,
+) -> PairingReport:
+    """Pair image and mask files by stem and check their sizes from the headers.
+
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md sections 1 and 6.
+
+    Image extensions: .jpg .jpeg .png .tif .tiff .bmp (case-insensitive); masks the same, and when a
+    stem has several mask files the ``.png`` one is preferred (then .tif, .tiff, .bmp, .jpg, .jpeg).
+    Pairs whose image and mask (H, W) differ are rejected and listed with both sizes.
+
+    Args:
+        images_dir: folder of image files.
+        masks_dir: folder of mask files.
+        stems: optional stems to keep (e.g. from :func:`read_split`); pairs follow this order and
+            stems without an image are reported in ``missing_from_split``. Without it, every image
+            is considered, in natural stem order.
+
+    Returns:
+        :class:`PairingReport` (``pairs`` plus the skipped items by reason).
+
+    Raises:
+        FileNotFoundError: ``images_dir`` or ``masks_dir`` is not a directory.
+        ValueError: ``stems`` is a plain string (a single split name was probably meant).
+    """
+    images_dir = Path(images_dir)
+    masks_dir = Path(masks_dir)
+    for kind, folder in (("images", images_dir), ("masks", masks_dir)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{kind} directory not found: {folder}")
+    if isinstance(stems, str):
+        raise ValueError(
+            f"stems must be an iterable of stems, got the string {stems!r}; "
+            "use read_split(dataset_dir, split) to read a split file"
+        )
+
+    images = _index_dir(images_dir, IMAGE_EXTENSIONS)
+    masks = _index_dir(masks_dir, MASK_EXTENSIONS)
+    report = PairingReport(images_dir=images_dir, masks_dir=masks_dir)
+
+    if stems is None:
+        wanted = sorted(images, key=_natural_key)
+    else:
+        wanted = list(dict.fromkeys(stems))  # keeps order, drops repeats
+
+    for stem in wanted:
+        image_files = images.get(stem)
+        if not image_files:
+            report.missing_from_split.append(stem)
+            continue
+        if len(image_files) > 1:
+            report.ambiguous_images.append((stem, sorted(image_files)))
+            continue
+        mask_files = masks.get(stem)
+        if not mask_files:
+            report.missing_masks.append(stem)
+            continue
+        image_path = image_files[0]
+        mask_path = _pick_mask(mask_files)
+        sizes = []
+        for path in (image_path, mask_path):
+            try:
+                sizes.append(image_size(path))
+            except (ImageFormatError, OSError) as exc:
+                report.unreadable.append((stem, path, str(exc)))
+                break
+        if len(sizes) < 2:
+            continue
+        if sizes[0] != sizes[1]:
+            report.size_mismatch.append((stem, sizes[0], sizes[1]))
+            continue
+        report.pairs.append(Pair(stem=stem, image_path=image_path, mask_path=mask_path))
+
+    # With a split, a listed stem whose mask exists but image does not is already in
+    # missing_from_split, and masks outside the split are not candidates: orphans are only
+    # reported when pairing the whole folder.
+    if stems is None:
+        report.orphan_masks = sorted(set(masks) - set(images), key=_natural_key)
+    return report
+
+
+class SegmentationDataset:
+    """Map-style dataset of image/mask pairs from one dataset folder.
+
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md section 6 for the layout.
+    Torch-free: ``torch.utils.data.DataLoader`` accepts it as is.
+
+    Each item is a dict::
+
+        {"stem": str,
+         "image": numpy.uint8 (H, W, 3) RGB,
+         "mask":  numpy.uint8 (H, W) in {0, 1}}
+
+    With a ``transform`` (e.g. from :func:`autosam_core.data.transforms.build_augmentation`), the
+    item is ``transform(image=image, mask=mask)``'s ``"image"`` and ``"mask"`` (albumentations
+    keyword interface), whose shapes and dtypes the transform decides.
+
+    Args:
+        dataset_dir: dataset folder holding ``images/`` and ``masks/`` (and ``splits/``).
+        split: optional split name read with :func:`read_split`.
+        stems: optional explicit stems (mutually exclusive with ``split``).
+        transform: optional callable ``transform(image=..., mask=...) -> dict``.
+
+    Attributes:
+        report: the :class:`PairingReport`; its summary is logged at WARNING when anything was
+            skipped, else at INFO.
+        pairs: the usable :class:`Pair` list.
+
+    Raises:
+        FileNotFoundError: ``images/`` or ``masks/`` is missing, or the split file is missing
+            (:class:`SplitNotFoundError`, listing the available splits).
+        ValueError: both ``split`` and ``stems`` are given.
+        EmptyDatasetError (a ``ValueError``): no usable pair remains (names dir, split, reasons).
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        split: str | None = None,
+        stems: Iterable[str] | None = None,
+        transform: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        if split is not None and stems is not None:
+            raise ValueError(
+                f"{self.dataset_dir}: give either split ({split!r}) or stems, not both"
+            )
+        if not self.dataset_dir.is_dir():
+            raise FileNotFoundError(f"dataset directory not found: {self.dataset_dir}")
+        self.split = split
+        self.transform = transform
+        selected = read_split(self.dataset_dir, split) if split is not None else stems
+        self.report = pair_by_stem(
+            self.dataset_dir / "images", self.dataset_dir / "masks", stems=selected
+        )
+        where = f"{self.dataset_dir} (split {split!r})" if split else str(self.dataset_dir)
+        if self.report.num_skipped:
+            logger.warning("%s: %s", where, self.report.summary())
+        else:
+            logger.info("%s: %s", where, self.report.summary())
+        if not self.report.pairs:
+            raise EmptyDatasetError(
+                f"no usable image/mask pairs in {self.dataset_dir} "
+                f"(split {split!r}): {self.report.summary()}"
+            )
+        self.pairs: list[Pair] = list(self.report.pairs)
+
+    @property
+    def stems(self) -> list[str]:
+        """Stems of the items, in index order."""
+        return [p.stem for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Load item ``index`` without the transform (``{"stem", "image", "mask"}``).
+
+        Raises:
+            IndexError: index out of range.
+            ImageFormatError: the decoded image and mask sizes differ (names both files and sizes).
+        """
+        pair = self.pairs[index]
+        image = load_image(pair.image_path)
+        mask = load_mask(pair.mask_path)
+        if image.shape[:2] != mask.shape:
+            raise ImageFormatError(
+                f"{pair.image_path} has HxW {_fmt_size(image.shape[:2])} but "
+                f"{pair.mask_path} has HxW {_fmt_size(mask.shape)}; expected equal sizes"
+            )
+        return {"stem": pair.stem, "image": image, "mask": mask}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item ``index`` as ``{"stem", "image", "mask"}``, transformed when a transform is set."""
+        item = self.load(index)
+        if self.transform is not None:
+            out = self.transform(image=item["image"], mask=item["mask"])
+            item["image"] = out["image"]
+            item["mask"] = out["mask"]
+        return item
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.dataset_dir)!r}, split={self.split!r}, "
+            f"n={len(self)})"
+        )
