@@ -6,6 +6,7 @@
     autosam predict --checkpoint CKPT --input DIR --output DIR
     autosam embed CONFIG.yaml            fill the SAM embedding cache
     autosam info [--json]                parameter counts and shapes
+    autosam metrics --pred DIR --gt DIR [--video]   SUN-SEG metrics (S-alpha, E-phi, F-beta, Dice, ...)
     autosam simulate FEDERATION.yaml     simulated federation (Flower simulation engine)
 """
 
@@ -326,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backbone", default="hardnet85")
     i.add_argument("--g-input-size", type=int, default=256)
     i.set_defaults(func=cmd_info)
+
+    from .video_metrics import add_metrics_arguments, cmd_metrics
+
+    v = sub.add_parser("metrics", help="SUN-SEG image/video metrics of prediction maps against ground truth")
+    add_metrics_arguments(v)
+    v.set_defaults(func=cmd_metrics)
 
     s = sub.add_parser("simulate", help="simulated federation from a federation YAML")
     s.add_argument("federation")
