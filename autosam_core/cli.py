@@ -4,6 +4,7 @@
                                          validation split, evaluate on the benchmark splits
     autosam evaluate --checkpoint CKPT   per-dataset Dice/IoU table (stdout + JSON)
     autosam predict --checkpoint CKPT --input DIR --output DIR
+    autosam benchmark --checkpoint CKPT  paper Tables 1-2 rows side by side (BENCHMARK.md)
     autosam embed CONFIG.yaml            fill the SAM embedding cache
     autosam info [--json]                parameter counts and shapes
     autosam metrics --pred DIR --gt DIR [--video]   SUN-SEG metrics (S-alpha, E-phi, F-beta, Dice, ...)
@@ -279,6 +280,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import format_markdown, run_benchmark
+    from .engine import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(args.checkpoint)
+    refs = _refs_from_args(args)
+    info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
+            "training": meta.get("training", "")}
+    results = run_benchmark(model, refs, args.output, cache_dir=args.cache_dir, meta=info)
+    print(format_markdown(results))
+    print(f"wrote {Path(args.output) / 'BENCHMARK.md'}, benchmark.json and plots")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     # Federation lives outside the core (server/); imported only when asked for.
     from server.simulation import run_simulation_from_yaml
@@ -315,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--input", required=True, help="image file or folder")
             e.add_argument("--output", required=True)
         e.set_defaults(func=func)
+
+    b = sub.add_parser("benchmark", help="paper Tables 1-2 rows: AutoSAM, h, SAM with GT point/box/mask prompts")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--config", help="training YAML whose 'evaluate' list to use")
+    b.add_argument("--data", nargs="+", metavar="DATASET[:SPLIT]")
+    b.add_argument("--limit", type=int, help="first N images of each split")
+    b.add_argument("--output", default="benchmark", help="folder for BENCHMARK.md, benchmark.json, plots")
+    b.add_argument("--cache-dir")
+    b.set_defaults(func=cmd_benchmark)
 
     m = sub.add_parser("embed", help="fill the SAM embedding cache for a training YAML")
     m.add_argument("config")
