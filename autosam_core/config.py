@@ -109,12 +109,20 @@ class TrainJobConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Record-level DP-SGD at a site (Opacus). Either target_epsilon or noise_multiplier."""
+    """Record-level DP-SGD at a site (Opacus). Either target_epsilon or noise_multiplier.
+
+    planned_rounds: federated rounds the target_epsilon budget is spread over (noise is calibrated
+    for planned_rounds x local_epochs epochs; when null the client must pass the federation's ``rounds``
+    to DPSiteTrainer); accountant:
+    ``rdp`` (Mironov 2017) or ``prv`` (Gopi et al. 2021). See :mod:`autosam_core.privacy`.
+    """
 
     target_epsilon: float | None = Field(None, gt=0)
     noise_multiplier: float | None = Field(None, ge=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    planned_rounds: int | None = Field(None, ge=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
 
 
 class SiteConfig(_Strict):
