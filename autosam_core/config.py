@@ -65,12 +65,15 @@ class ModelConfig(_Strict):
 class DataRef(_Strict):
     """One dataset split: ``dataset`` is a folder under the data root (or an absolute path).
 
-    split: name of ``splits/<split>.txt`` or null for every pair; limit: use the first N stems of
-    the split (a stated subset); name: label used in tables (defaults to dataset[/split]).
+    split: name of ``splits/<split>.txt`` or null for every pair; stems_file: instead of a split, a
+    text file of stems (one per line, relative to the YAML), e.g. a per-patient site partition;
+    limit: use the first N stems (a stated subset); name: label used in tables (defaults to
+    dataset[/split]).
     """
 
     dataset: str
     split: str | None = None
+    stems_file: str | None = None
     limit: int | None = Field(None, ge=1)
     name: str | None = None
 

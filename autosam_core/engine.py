@@ -77,7 +77,15 @@ def resolve_pairs(ref: DataRef, base_dir: Path | None = None) -> list[Pair]:
         ConfigError: missing folder or split file, or zero usable pairs.
     """
     d = resolve_dataset_dir(ref, base_dir)
+    if ref.split and ref.stems_file:
+        raise ConfigError(f"dataset {ref.dataset!r}: give either 'split' or 'stems_file', not both")
     stems = read_split(d, ref.split) if ref.split else None
+    if ref.stems_file:
+        f = Path(ref.stems_file)
+        f = f if f.is_absolute() or base_dir is None else base_dir / f
+        if not f.is_file():
+            raise ConfigError(f"stems_file {f} not found (one image stem per line)")
+        stems = [line.strip() for line in f.read_text().splitlines() if line.strip()]
     if stems is not None and ref.limit:
         stems = stems[: ref.limit]
     report = pair_by_stem(d / "images", d / "masks", stems=stems)

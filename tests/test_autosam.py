@@ -144,3 +144,16 @@ def test_config_errors_name_file_and_key(tmp_path):
     p.write_text("model: {g_input_size: 100}\nsite_id: a\n")
     with pytest.raises(ConfigError, match="divisible by 32"):
         load_yaml_config(tmp_path / "site.yaml", __import__("autosam_core.config", fromlist=["TrainJobConfig"]).TrainJobConfig)
+
+
+def test_stems_file_partition(tmp_path, shared_data):
+    from autosam_core.config import DataRef
+    from autosam_core.engine import resolve_pairs
+
+    (tmp_path / "part.txt").write_text("train_3\ntrain_5\n\n")
+    pairs = resolve_pairs(DataRef(dataset="GlaS", stems_file="part.txt"), tmp_path)
+    assert [p.stem for p in pairs] == ["train_3", "train_5"]
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_pairs(DataRef(dataset="GlaS", split="train", stems_file="part.txt"), tmp_path)
+    with pytest.raises(ConfigError, match="missing.txt"):
+        resolve_pairs(DataRef(dataset="GlaS", stems_file="missing.txt"), tmp_path)
