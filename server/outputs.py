@@ -1,0 +1,167 @@
+"""Run outputs: summary.json, metrics.csv, a Dice-per-round plot and a prediction grid (PNG).
+
+All files are written atomically (temporary file + ``os.replace``) so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (NaN written as null)."""
+    return write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False).encode())
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over sorted keys, dtypes, shapes and raw bytes of a state (torch tensors or NumPy arrays)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        v = state[key]
+        arr = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def write_metrics_csv(path: Path, history: Sequence[Mapping]) -> Path:
+    """One row per (round, split): round, split, kind (test/validation), dice, iou, num_images."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["round", "split", "kind", "dice", "iou", "num_images"])
+    for rec in history:
+        for label, m in (rec.get("benchmarks") or {}).items():
+            w.writerow([rec["round"], label, "test", _fmt(m.get("dice")), _fmt(m.get("iou")), m.get("num_images")])
+        val = rec.get("validation")
+        if val:
+            w.writerow([rec["round"], f"validation ({val.get('source')})", "validation", _fmt(val.get("dice")),
+                        _fmt(val.get("iou")), val.get("num_images")])
+    return write_atomic(path, buf.getvalue().encode())
+
+
+def _fmt(x: Any) -> str:
+    return "" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{float(x):.6f}"
+
+
+def plot_dice(path: Path, history: Sequence[Mapping], title: str) -> Path:
+    """PNG of the global model's Dice per round, one line per benchmark (validation dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    labels = sorted({lb for rec in history for lb in (rec.get("benchmarks") or {})})
+    for label in labels:
+        pts = [(rec["round"], rec["benchmarks"][label]["dice"]) for rec in history
+               if label in (rec.get("benchmarks") or {}) and rec["benchmarks"][label].get("dice") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    vpts = [(rec["round"], rec["validation"]["dice"]) for rec in history if rec.get("validation")]
+    if vpts:
+        ax.plot(*zip(*vpts), marker="s", linestyle="--", color="black", label="validation")
+    ax.set_xlabel("server round (0 = initial model)")
+    ax.set_ylabel("Dice (mean over images)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if labels or vpts:
+        ax.legend(fontsize=7, loc="best")
+    rounds = sorted({rec["round"] for rec in history})
+    if rounds:
+        ax.set_xticks(rounds)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def plot_predictions(path: Path, model, benchmarks: Mapping[str, Sequence], cache=None, per_benchmark: int = 2,
+                     title: str = "") -> Path | None:
+    """PNG grid: one row per test image (image, ground truth, AutoSAM mask), ``per_benchmark`` per benchmark.
+
+    Args:
+        model: AutoSam holding the model to show.
+        benchmarks: {label: [Pair]} (e.g. ``CentralEvaluator.benchmarks``).
+        cache: optional EmbeddingCache with the images' SAM embeddings.
+
+    Returns:
+        the path, or None when there is no image to show.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from autosam_core.data.io import load_image, load_mask
+    from autosam_core.metrics import dice_iou
+
+    rows = [(label, p) for label, pairs in benchmarks.items() for p in list(pairs)[:per_benchmark]]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), dpi=100, squeeze=False)
+    for r, (label, pair) in enumerate(rows):
+        image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
+        emb = None
+        if cache is not None:
+            try:
+                emb = cache.get(pair.image_path)
+            except KeyError:
+                emb = None
+        pred = (model.predict_logits(image, image_embeddings=emb) > 0).numpy()
+        d, _ = dice_iou(pred, mask > 0)
+        for c, (img, name) in enumerate([(image, f"{label}\n{pair.stem}"), (mask, "ground truth"),
+                                          (pred, f"AutoSAM (Dice {d:.2f})")]):
+            ax = axes[r][c]
+            ax.imshow(img, cmap=None if img.ndim == 3 else "gray", interpolation="nearest")
+            ax.set_title(name, fontsize=7)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
