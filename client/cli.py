@@ -68,6 +68,8 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
 
 
 def _raise_interrupt(signum, frame) -> None:
+    # First SIGTERM: unwind like Ctrl-C; ignore repeats so the cleanup (stopping Flower by PID) finishes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -121,6 +121,8 @@ def register_sites(keys: dict[str, Path], env: dict) -> dict[int, str]:
 
 
 def _raise_interrupt(signum, frame) -> None:
+    # First SIGTERM: unwind like Ctrl-C; ignore repeats so the cleanup (stopping Flower by PID) finishes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.stop()
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = run_dir / "summary.json"
-    if summary.is_file():
+    if summary.is_file() and summary.stat().st_mtime >= t0:  # written by this run
         data = json.loads(summary.read_text())
         data["launcher"] = {"run_id": run_id, "flower_status": status, "total_wall_seconds": time.time() - t0,
                             "mode": "deployment", "tls": tls is not None, "site_authentication": auth}

@@ -160,7 +160,7 @@ def plot_predictions(path: Path, model, benchmarks: Mapping[str, Sequence], cach
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.4 * len(rows))) if title else None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

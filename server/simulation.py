@@ -137,7 +137,7 @@ def run_simulation_from_yaml(path: str | Path, *, echo: Callable[[str], None] = 
             echo(f"[autosam] had to kill {len(killed)} Flower/Ray process(es) that ignored SIGTERM: {killed}")
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and summary_path.stat().st_mtime >= t0:  # written by this run
         summary = json.loads(summary_path.read_text())
         summary["launcher"] = {"run_id": run_id, "flower_status": status, "total_wall_seconds": time.time() - t0,
                                "mode": "simulation"}
