@@ -296,11 +296,40 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     # Federation lives outside the core (server/); imported only when asked for.
-    from server.simulation import run_simulation_from_yaml
+    from server.simulation import FederationRunError, run_simulation_from_yaml
 
-    run_dir = run_simulation_from_yaml(args.federation)
+    try:
+        run_dir = run_simulation_from_yaml(args.federation)
+    except FederationRunError as err:
+        print(f"error: federation run failed: {err}", file=sys.stderr)
+        return 1
+    summary_path = Path(run_dir) / "summary.json"
+    if summary_path.is_file():
+        print(format_federation_summary(json.loads(summary_path.read_text())))
     print(f"outputs in {run_dir}")
     return 0
+
+
+def format_federation_summary(summary: dict) -> str:
+    """Final table of a federated run: global Dice/IoU (%) per round and benchmark, plus the budget."""
+    rounds = summary.get("rounds", [])
+    names = list(rounds[0]["benchmarks"]) if rounds else []
+    lines = [f"### {summary.get('name', 'federation')}: global model per round (Dice / IoU, %)", "",
+             "| round | " + " | ".join(names) + " | site validation Dice |",
+             "|---:|" + "---:|" * (len(names) + 1)]
+    for r in rounds:
+        cells = [f"{100 * r['benchmarks'][n]['dice']:.1f} / {100 * r['benchmarks'][n]['iou']:.1f}" for n in names]
+        val = r.get("validation") or {}
+        lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {100 * val['dice']:.1f} |" if val else
+                     f"| {r['round']} | " + " | ".join(cells) + " | - |")
+    sites = summary.get("num_examples_per_site", {})
+    per = summary.get("bytes_per_site_per_round", {})
+    mb = {k: v.get("total", 0) / 1e6 if isinstance(v, dict) else v / 1e6 for k, v in per.items()}
+    best = summary.get("best") or {}
+    lines += ["", "sites: " + ", ".join(f"{k} ({n} training images, {mb.get(k, 0):.0f} MB per round)"
+                                        for k, n in sites.items()),
+              f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

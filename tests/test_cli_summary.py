@@ -1,0 +1,20 @@
+"""The final table printed by `autosam simulate` (and `make demo`)."""
+
+from autosam_core.cli import format_federation_summary, format_table
+
+
+def test_federation_summary_table():
+    bench = lambda d: {"A": {"dice": d, "iou": d / 2, "num_images": 10}}  # noqa: E731
+    summary = {"name": "demo", "rounds": [{"round": 0, "benchmarks": bench(0.0), "validation": None},
+                                          {"round": 1, "benchmarks": bench(0.5), "validation": {"dice": 0.25}}],
+               "num_examples_per_site": {"s1": 24}, "bytes_per_site_per_round": {"s1": {"total": 334_739_488}},
+               "best": {"round": 1}, "wall_seconds": 61.2}
+    text = format_federation_summary(summary)
+    assert "| 0 | 0.0 / 0.0 | - |" in text
+    assert "| 1 | 50.0 / 25.0 | 25.0 |" in text
+    assert "s1 (24 training images, 335 MB per round)" in text and "best round on validation: 1" in text
+
+
+def test_evaluation_table_in_percent():
+    text = format_table({"Kvasir": {"dice": 0.8123, "iou": 0.7, "num_images": 100}})
+    assert "| Kvasir | 100 | 81.2 | 70.0 |" in text
