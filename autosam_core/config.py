@@ -129,7 +129,14 @@ class PrivacyConfig(_Strict):
 
 
 class SiteConfig(_Strict):
-    """One hospital site (``sites/<site>.yaml``): its private data and local training settings."""
+    """One hospital site (``sites/<site>.yaml``): its private data and local training settings.
+
+    privacy: record-level DP-SGD (all sites of a federation or none). state_dir: the site's
+    persistent folder (privacy ledger, reply audit report; relative to the YAML's folder); keep it
+    for the life of the data set: deleting it resets the DP accountant. Default:
+    ``$AUTOSAM_SITE_STATE`` or ``<embedding cache root>/site-state``. audit: check and record every
+    reply this site sends (as ``autosam-client --audit``; see :mod:`client.audit`).
+    """
 
     site_id: str
     data: DataRef
@@ -141,6 +148,8 @@ class SiteConfig(_Strict):
     cache_dir: str | None = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     privacy: PrivacyConfig | None = None
+    state_dir: str | None = None
+    audit: bool = False
 
 
 class StrategyConfig(_Strict):

@@ -195,7 +195,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
     t0, steps, loss_sum, dice_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
     for epoch in range(epochs):
         loss_sum, dice_sum, n = 0.0, 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not progress, unit="batch")
+        label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
+        bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")
         for batch in bar:
             b = batch["g_input"].shape[0]
             if b == 0:

@@ -16,6 +16,14 @@ model config, so a simulation actor serving several sites holds one SAM); each s
 path. Every call loads the complete global state first, so sharing one model between the sites a
 simulation actor serves is exact. In a deployment each round runs in a fresh ClientApp process:
 the SAM embeddings are then reused from the on-disk cache.
+
+DP sites (a ``privacy`` section in the site YAML) train with
+:class:`autosam_core.privacy.DPSiteTrainer`; their accountant ledger lives in the site's state
+folder (:func:`site_state_dir`), so epsilon composes across rounds, fresh processes and resumed
+federations. Every DP reply reports the epsilon spent so far; a site whose next round would exceed
+its target replies with the unchanged weights, ``num-examples`` 0, ``status`` ``skipped`` and the
+reason. With the reply audit on (:mod:`client.audit`) every reply is checked against the
+allow-lists of :mod:`client.protocol` and recorded before it is sent.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 
 from . import protocol as P
+from .audit import AuditViolation, ReplyAudit, Signature, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
 
@@ -59,6 +68,8 @@ class SiteRuntime:
     yaml_path: Path
     trainer: object  # autosam_core.engine.SiteTrainer (imported lazily)
     model: AutoSam
+    audit: ReplyAudit | None = None
+    expected: Signature | None = None
 
 
 def resolve_site_yaml(context: Context) -> Path:
@@ -103,13 +114,26 @@ def _model_key(config: ConfigRecord) -> tuple[str, SamConfig, ModelConfig, bool]
 
 
 def site_state_dir(site: SiteConfig, yaml_path: Path) -> Path:
-    """Persistent per-site folder (privacy ledger): ``<cache root>/site-state`` (writable, unlike the YAML's folder)."""
+    """The site's persistent folder (privacy ledger ``privacy-<site_id>.json``, audit report).
+
+    In order: the site YAML's ``state_dir`` (relative to the YAML's folder), ``$AUTOSAM_SITE_STATE``,
+    else ``<embedding cache root>/site-state`` (cache root: the YAML's ``cache_dir``, else
+    ``$AUTOSAM_CACHE``, which a simulation sets to the federation's ``cache_dir``, else
+    ``<repo>/.cache/embeddings``). The folder does not depend on the run, so a resumed federation (and
+    any later federation on the same data) continues the same accountant.
+    """
     from autosam_core.data.cache import default_cache_dir
 
-    root = Path(site.cache_dir) if site.cache_dir else Path(default_cache_dir())
+    if site.state_dir:
+        p = Path(site.state_dir).expanduser()
+        return p if p.is_absolute() else (yaml_path.parent / p).resolve()
+    env = os.environ.get(P.SITE_STATE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    root = Path(site.cache_dir).expanduser() if site.cache_dir else Path(default_cache_dir())
     if not root.is_absolute():
         root = yaml_path.parent / root
-    return root / "site-state"
+    return (root / "site-state").resolve()
 
 
 def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
@@ -146,15 +170,28 @@ def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
 
             make_autosam_private_compatible(model)
         _MODELS[key] = model
+    state_dir = site_state_dir(site, yaml_path)
     if dp:
         from autosam_core.privacy import DPSiteTrainer
 
-        trainer = DPSiteTrainer(model, site, state_dir=site_state_dir(site, yaml_path), cache_dir=None,
-                                base_dir=yaml_path.parent, progress=False,
-                                planned_rounds=int(config.get(P.PLANNED_ROUNDS, 0)) or None)
+        # The site's own plan wins; the federation's rounds are the fallback (the noise is calibrated once,
+        # in the site's first DP round, and kept in the ledger).
+        planned = site.privacy.planned_rounds or int(config.get(P.PLANNED_ROUNDS, 0)) or None
+        trainer = DPSiteTrainer(model, site, state_dir=state_dir, cache_dir=None, base_dir=yaml_path.parent,
+                                progress=False, planned_rounds=planned)
+        led = trainer.ledger
+        log.info("site %s: DP ledger %s: %s", site.site_id, led.path,
+                 f"{led.steps} steps already accounted, epsilon {trainer.spent_epsilon():.4g} at delta "
+                 f"{site.privacy.delta:g} spent before this round (earlier rounds or runs)" if led.steps
+                 else "new (nothing spent yet)")
     else:
         trainer = SiteTrainer(model, site, cache_dir=None, base_dir=yaml_path.parent, progress=False)
-    rt = _SITES[runtime_key] = SiteRuntime(site, yaml_path, trainer, model)
+    audit = expected = None
+    if audit_enabled(context.node_config, site.audit):
+        audit = ReplyAudit(site.site_id, audit_dir(context.node_config, state_dir))
+        expected = expected_signature(sam_cfg.kind, model_cfg, dp)
+        log.info("site %s: reply audit on: report %s", site.site_id, audit.md_path)
+    rt = _SITES[runtime_key] = SiteRuntime(site, yaml_path, trainer, model, audit, expected)
     return rt
 
 
@@ -169,6 +206,76 @@ def _site_label(context: Context) -> str:
     return path.stem
 
 
+def _runtime_for(context: Context) -> SiteRuntime | None:
+    try:
+        path = resolve_site_yaml(context)
+    except Exception:  # noqa: BLE001 - only used on the error path
+        return None
+    return next((rt for rt in _SITES.values() if rt.yaml_path == path), None)
+
+
+def _error_reply(context: Context, label: str, server_round: int, kind: str, err: Exception) -> RuntimeError:
+    """The exception that carries a failure to the server (``[site <id>] round <r>: ...``).
+
+    Without the audit: the error's type and text. With the audit on (node config, env or the site
+    YAML): only the type; the text, which may name local files, stays in the site's log and report.
+    """
+    rt = _runtime_for(context)
+    audited = audit_enabled(context.node_config, rt.site.audit if rt else False)
+    if not audited:
+        return RuntimeError(P.site_error_text(label, server_round, err))
+    # Raised ``from None`` by the caller (``withheld``): no chained traceback carries the text either.
+    if isinstance(err, AuditViolation):
+        public = err.public_text()
+    else:
+        public = "error text withheld by the site's reply audit; see the site's log"
+    text = f"[site {label}] round {server_round}: {type(err).__name__}: {public}"
+    log.error("site %s: %s reply of round %d not sent: %s: %s", label, kind, server_round, type(err).__name__, err)
+    if rt is not None and rt.audit is not None and not isinstance(err, AuditViolation):
+        try:
+            rt.audit.record_error(run_id=context.run_id, server_round=server_round, kind=kind, error=err,
+                                  sent_text=text)
+        except Exception as rec_err:  # noqa: BLE001 - never mask the original failure
+            log.error("site %s: could not record the error in the audit report: %s", label, rec_err)
+    out = RuntimeError(text)
+    out.withheld = True
+    return out
+
+
+def train_metrics(stats: dict, epochs: int, num_examples: int) -> MetricRecord:
+    """The train reply's MetricRecord from a trainer's ``fit`` stats (allow-listed keys only).
+
+    DP stats (``epsilon`` present) add ``epsilon`` (spent so far at ``delta``), ``delta``,
+    ``target_epsilon`` (0 when the site has none), ``dp_steps`` (accounted DP-SGD steps, all rounds)
+    and ``noise_multiplier``.
+    """
+    metrics = MetricRecord({
+        P.NUM_EXAMPLES: int(stats.get("num_examples", num_examples)),
+        "train_loss": float(stats["loss"]),
+        "train_dice": float(stats["dice"]),
+        "train_seconds": float(stats["seconds"]),
+        "local_epochs": int(epochs),
+    })
+    if stats.get("epsilon") is not None:
+        metrics["epsilon"] = float(stats["epsilon"])
+        metrics["delta"] = float(stats["delta"])
+        metrics["target_epsilon"] = float(stats.get("target_epsilon") or 0.0)
+        metrics["dp_steps"] = int(stats.get("dp_steps_total", 0))
+        metrics["noise_multiplier"] = float(stats.get("noise_multiplier", 0.0))
+    return metrics
+
+
+def site_record(site_id: str, stats: dict | None = None) -> ConfigRecord:
+    """The reply's ``site`` ConfigRecord: ``site-id``; for train replies ``status`` (+ ``reason`` when skipped)."""
+    rec = ConfigRecord({P.SITE_ID: site_id})
+    if stats is not None:
+        reason = stats.get("skip_reason")
+        rec[P.STATUS] = P.STATUS_SKIPPED if reason else P.STATUS_TRAINED
+        if reason:
+            rec[P.REASON] = str(reason)
+    return rec
+
+
 def _maybe_inject_fault(site_id: str, server_round: int) -> None:
     spec = os.environ.get(P.FAULT_ENV, "").strip()
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -181,9 +288,16 @@ def _maybe_inject_fault(site_id: str, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     """Train on the site's data from the global state; reply with g/h state and metrics.
 
+    DP sites add epsilon/delta/target_epsilon/dp_steps/noise_multiplier to the metrics; a DP site
+    whose budget is spent replies with the unchanged weights, ``num-examples`` 0 and ``status``
+    ``skipped`` + ``reason`` in the ``site`` record. With the audit on, the reply is checked and
+    recorded first (:mod:`client.audit`).
+
     Raises:
         RuntimeError: any failure, re-raised as ``[site <id>] round <r>: <Type>: <text>`` so the
-        server can log which site failed and why (Flower turns it into an error reply).
+        server can log which site failed and why (Flower turns it into an error reply); with the
+        audit on, the text is withheld (see :func:`_error_reply`), and a reply that breaks the
+        allow-list is never sent.
     """
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
@@ -196,26 +310,22 @@ def train(msg: Message, context: Context) -> Message:
         epochs = int(config.get(P.LOCAL_EPOCHS, 0)) or rt.site.local_epochs
         mu = float(config.get(P.PROXIMAL_MU, 0.0))
         stats = rt.trainer.fit(epochs, proximal_mu=mu, seed=int(config.get(P.SEED, 0)) + server_round)
-        metrics = MetricRecord({
-            P.NUM_EXAMPLES: int(stats.get("num_examples", rt.trainer.num_examples)),
-            "train_loss": float(stats["loss"]),
-            "train_dice": float(stats["dice"]),
-            "train_seconds": float(stats["seconds"]),
-            "local_epochs": int(epochs),
-        })
-        for k in ("epsilon", "delta"):
-            if stats.get(k) is not None:
-                metrics[k] = float(stats[k])
         if stats.get("skip_reason"):
             log.warning("site %s did not train in round %d: %s", label, server_round, stats["skip_reason"])
         content = RecordDict({
             P.ARRAYS: ArrayRecord(rt.model.trainable_state()),
-            P.METRICS: metrics,
-            P.SITE: ConfigRecord({P.SITE_ID: label}),
+            P.METRICS: train_metrics(stats, epochs, rt.trainer.num_examples),
+            P.SITE: site_record(label, stats),
         })
+        if rt.audit is not None:
+            rt.audit.audit(content, "train", run_id=context.run_id, server_round=server_round, expected=rt.expected,
+                           max_examples=rt.trainer.num_examples)
         return Message(content, reply_to=msg)
     except Exception as err:
-        raise RuntimeError(P.site_error_text(label, server_round, err)) from err
+        reply_err = _error_reply(context, label, server_round, "train", err)
+        if getattr(reply_err, "withheld", False):
+            raise reply_err from None
+        raise reply_err from err
 
 
 @app.evaluate()
@@ -223,7 +333,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Federated validation: Dice/IoU of the global model on the site's held-out split.
 
     The held-out split is ``SiteConfig.val_fraction`` of the site's training data (seeded, disjoint
-    from what it trains on). A site without one replies ``num-examples`` 0 and is ignored.
+    from what it trains on). A site without one replies ``num-examples`` 0 and is ignored. The reply
+    holds only aggregates (mean Dice/IoU, image count); it is audited like a train reply.
 
     Raises:
         RuntimeError: ``[site <id>] round <r>: ...`` on any failure.
@@ -243,6 +354,13 @@ def evaluate(msg: Message, context: Context) -> Message:
             res = evaluate_pairs(rt.model, pairs, rt.trainer.cache)
             dice, iou = float(res["dice"]), float(res["iou"])
         metrics = MetricRecord({P.NUM_EXAMPLES: len(pairs), "val_dice": dice, "val_iou": iou})
-        return Message(RecordDict({P.METRICS: metrics, P.SITE: ConfigRecord({P.SITE_ID: label})}), reply_to=msg)
+        content = RecordDict({P.METRICS: metrics, P.SITE: site_record(label)})
+        if rt.audit is not None:
+            rt.audit.audit(content, "evaluate", run_id=context.run_id, server_round=server_round, expected=None,
+                           max_examples=len(pairs))
+        return Message(content, reply_to=msg)
     except Exception as err:
-        raise RuntimeError(P.site_error_text(label, server_round, err)) from err
+        reply_err = _error_reply(context, label, server_round, "evaluate", err)
+        if getattr(reply_err, "withheld", False):
+            raise reply_err from None
+        raise reply_err from err

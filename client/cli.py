@@ -14,6 +14,11 @@ must have registered the matching public key, otherwise the SuperLink refuses th
 The SuperNode runs in the foreground; Ctrl-C / SIGTERM stops it and everything it started, by PID.
 Its node config carries ``site-config`` (absolute path of the site YAML), which the ClientApp reads.
 Only the trainable state (g/h) leaves the site; images, masks and SAM stay here.
+
+``--audit`` checks every reply before it is sent (only g/h arrays of the expected keys and shapes,
+allow-listed numeric metrics, the site id and fixed-template status texts; :mod:`client.audit`)
+and writes ``audit-<site_id>.md`` (readable) and ``.json`` into ``--audit-dir`` (default: the
+site's state folder). A reply that breaks a rule is not sent; the site reports an error instead.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     ap.add_argument("--port", type=int, default=0, help="local port of the SuperNode's ClientApp API (0 = free port)")
     ap.add_argument("--max-wait-time", type=float, default=None, help="give up connecting after this many seconds")
+    ap.add_argument("--audit", action="store_true", help="check every reply against the allow-list before it is "
+                    "sent (a violation blocks it) and record what left the site in audit-<site_id>.md/.json")
+    ap.add_argument("--audit-dir", default=None, help="folder of the audit report (default: the site's state "
+                    "folder, next to its privacy ledger)")
     return ap.parse_args(argv)
 
 
@@ -98,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.insecure:
                 raise ConfigError("--auth-key needs TLS; drop --insecure")
             cmd_tls += ["--auth-supernode-private-key", str(key.resolve())]
+        audit_dir = None
+        if args.audit_dir:
+            if not args.audit:
+                raise ConfigError("--audit-dir needs --audit")
+            audit_dir = Path(args.audit_dir).expanduser().resolve()
+            if audit_dir.exists() and not audit_dir.is_dir():
+                raise ConfigError(f"--audit-dir: {audit_dir} exists and is not a folder")
+            audit_dir.mkdir(parents=True, exist_ok=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -105,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
           f"connecting to {args.superlink} ({'INSECURE' if args.insecure else 'TLS'})", flush=True)
     flwr_home = Path(tempfile.mkdtemp(prefix=f"autosam-site-{site.site_id}-"))
     node_cfg = flwr_home / "node_config.toml"
-    node_cfg.write_text(tomli_w.dumps({P.NODE_SITE_CONFIG: str(site_path)}))
+    node_values: dict = {P.NODE_SITE_CONFIG: str(site_path)}
+    if args.audit:
+        node_values[P.NODE_AUDIT] = True
+        if audit_dir is not None:
+            node_values[P.NODE_AUDIT_DIR] = str(audit_dir)
+        print(f"[autosam] site {site.site_id}: reply audit on (report audit-{site.site_id}.md in "
+              f"{audit_dir or 'the site state folder'})", flush=True)
+    node_cfg.write_text(tomli_w.dumps(node_values))
     cmd = [flower_bin("flower-supernode"), "--superlink", args.superlink, *cmd_tls,
            "--node-config", str(node_cfg), "--port", str(args.port or free_port())]
     if args.max_wait_time:

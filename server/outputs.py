@@ -1,4 +1,5 @@
-"""Run outputs: summary.json, metrics.csv, a Dice-per-round plot and a prediction grid (PNG).
+"""Run outputs: summary.json, metrics.csv, a Dice-per-round plot, a prediction grid and, for a DP
+federation, an epsilon-per-round plot (PNG).
 
 All files are written atomically (temporary file + ``os.replace``) so a reader never sees half a file.
 """
@@ -66,18 +67,98 @@ def state_digest(state: Mapping[str, Any]) -> str:
 
 
 def write_metrics_csv(path: Path, history: Sequence[Mapping]) -> Path:
-    """One row per (round, split): round, split, kind (test/validation), dice, iou, num_images."""
+    """One row per (round, split): round, split, kind (test/validation), dice, iou, num_images,
+    epsilon, delta; plus, for DP sites, one row per (round, site) with kind ``privacy``, split = the
+    site id, num_images = the images it trained on that round (0 when it skipped), and the epsilon
+    it has spent so far at its delta (empty for the other kinds)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["round", "split", "kind", "dice", "iou", "num_images"])
+    w.writerow(["round", "split", "kind", "dice", "iou", "num_images", "epsilon", "delta"])
     for rec in history:
         for label, m in (rec.get("benchmarks") or {}).items():
-            w.writerow([rec["round"], label, "test", _fmt(m.get("dice")), _fmt(m.get("iou")), m.get("num_images")])
+            w.writerow([rec["round"], label, "test", _fmt(m.get("dice")), _fmt(m.get("iou")), m.get("num_images"),
+                        "", ""])
         val = rec.get("validation")
         if val:
             w.writerow([rec["round"], f"validation ({val.get('source')})", "validation", _fmt(val.get("dice")),
-                        _fmt(val.get("iou")), val.get("num_images")])
+                        _fmt(val.get("iou")), val.get("num_images"), "", ""])
+        for site, v in (rec.get("sites") or {}).items():
+            if "epsilon" in v:
+                w.writerow([rec["round"], site, "privacy", "", "", v.get("num_examples"), _fmt_eps(v["epsilon"]),
+                            f"{float(v['delta']):g}" if v.get("delta") is not None else ""])
     return write_atomic(path, buf.getvalue().encode())
+
+
+def _fmt_eps(x: Any) -> str:
+    if x is None:
+        return ""
+    x = float(x)
+    return "inf" if x == float("inf") else _fmt(x)
+
+
+def privacy_summary(history: Sequence[Mapping]) -> dict[str, dict]:
+    """Per DP site, from the round records: ``delta``, ``target_epsilon`` (None without a target),
+    ``epsilon`` (latest spent), and ``rounds``: [{round, epsilon, dp_steps, num_examples, status,
+    reason}] (epsilon spent so far after that round; status ``skipped`` with the site's reason when
+    its budget would have been exceeded). Empty when no site reported epsilon."""
+    out: dict[str, dict] = {}
+    for rec in history:
+        for site, v in (rec.get("sites") or {}).items():
+            if "epsilon" not in v:
+                continue
+            d = out.setdefault(site, {"delta": v.get("delta"), "target_epsilon": v.get("target_epsilon") or None,
+                                      "epsilon": None, "rounds": []})
+            d["delta"], d["target_epsilon"] = v.get("delta"), v.get("target_epsilon") or None
+            d["epsilon"] = v["epsilon"]
+            d["rounds"].append({"round": rec["round"], "epsilon": v["epsilon"], "dp_steps": v.get("dp_steps"),
+                                "num_examples": v.get("num_examples"), "status": v.get("status"),
+                                "reason": v.get("reason")})
+    return out
+
+
+def plot_epsilon(path: Path, privacy: Mapping[str, Mapping], title: str) -> Path | None:
+    """PNG of each DP site's spent epsilon per round (solid, x where it skipped a round) and its
+    target epsilon (dashed, same colour). ``privacy`` is :func:`privacy_summary`'s dict; returns
+    None (nothing written) when it is empty."""
+    if not privacy:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    rounds: set[int] = set()
+    for i, (site, d) in enumerate(sorted(privacy.items())):
+        color = f"C{i % 10}"
+        pts = [(r["round"], r["epsilon"]) for r in d["rounds"] if r["epsilon"] is not None
+               and np.isfinite(r["epsilon"])]
+        rounds.update(r["round"] for r in d["rounds"])
+        delta = d.get("delta")
+        label = f"{site} (delta {float(delta):g})" if delta is not None else site
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=label)
+        skipped = [(r["round"], r["epsilon"]) for r in d["rounds"] if r.get("status") == "skipped"
+                   and r["epsilon"] is not None and np.isfinite(r["epsilon"])]
+        if skipped:
+            ax.plot(*zip(*skipped), linestyle="none", marker="x", markersize=10, color=color,
+                    label=f"{site}: skipped (budget)")
+        if d.get("target_epsilon"):
+            ax.axhline(float(d["target_epsilon"]), linestyle="--", color=color, alpha=0.8,
+                       label=f"{site} target {float(d['target_epsilon']):g}")
+    ax.set_xlabel("server round")
+    ax.set_ylabel("epsilon spent so far (at the site's delta)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if rounds:
+        ax.set_xticks(sorted(rounds))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
 
 
 def _fmt(x: Any) -> str:

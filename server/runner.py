@@ -5,7 +5,8 @@ before any site is contacted), drive Flower's ``strategy.start`` with central ev
 every round, write an atomic checkpoint per round (``checkpoints/last.pt``) and the best one on
 the validation split (``checkpoints/best.pt``; never chosen on a test split), keep the metric
 history across resumed runs (``history.json``), and write the run outputs (summary.json,
-metrics.csv, global_dice.png, predictions.png, server.log).
+metrics.csv, global_dice.png, predictions.png, server.log; for a DP federation also each site's
+epsilon per round in summary.json's ``privacy`` and metrics.csv, and epsilon.png).
 
 Round numbering: Flower numbers the rounds of *this* run from 1; a resumed run adds the round of
 its checkpoint (``offset``), so history and checkpoints carry global round numbers.
@@ -351,6 +352,13 @@ class FederatedServer:
         if report is not None:
             ok = ", ".join(f"{s}({v['num_examples']})" for s, v in report.sites.items()) or "none"
             parts.append(f"sites ok: {ok}")
+            eps = [f"{s} {v['epsilon']:.3g}" + (f"/{v['target_epsilon']:g}" if v.get("target_epsilon") else "")
+                   for s, v in report.sites.items() if v.get("epsilon") is not None]
+            if eps:
+                parts.append("epsilon spent: " + ", ".join(eps))
+            skipped = {s: v.get("reason") for s, v in report.sites.items() if v.get("status") == "skipped"}
+            if skipped:
+                parts.append("skipped: " + "; ".join(f"{s}: {r}" for s, r in skipped.items()))
             if report.failed:
                 parts.append("failed: " + "; ".join(f"{s}: {t}" for s, t in report.failed.items()))
             if not report.aggregated:
@@ -380,6 +388,7 @@ class FederatedServer:
             "rounds_completed": max([r["round"] for r in self.history], default=0),
             "resumed_from": self.resumed_from if hasattr(self, "resumed_from") else None,
             "best": self.best, "num_examples_per_site": sites_n, "bytes_per_site_per_round": bytes_site,
+            "privacy": outputs.privacy_summary(self.history),
             "wall_seconds": time.time() - self._t0, "rounds": self.history, "run_dir": str(self.run_dir),
         })
         outputs.write_json(self.run_dir / "summary.json", self.summary)
@@ -397,6 +406,9 @@ class FederatedServer:
         outputs.write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         outputs.plot_dice(self.run_dir / "global_dice.png", self.history,
                           f"{self.fed.name}: global model Dice per round")
+        if outputs.plot_epsilon(self.run_dir / "epsilon.png", outputs.privacy_summary(self.history),
+                                f"{self.fed.name}: privacy spent per site (DP-SGD)"):
+            log.info("epsilon per site per round: %s", self.run_dir / "epsilon.png")
         chosen = self.ckpt_dir / (BEST if (self.ckpt_dir / BEST).is_file() else LAST)
         if self.evaluator is not None and chosen.is_file():
             self.model.load_trainable_state(load_checkpoint(chosen)["trainable_state"])

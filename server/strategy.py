@@ -150,8 +150,9 @@ class RobustAggregation:
                 continue
             content = msg.content
             site = self.site_of(node)
-            if P.SITE in content.config_records:
-                site = str(content.config_records[P.SITE].get(P.SITE_ID, site))
+            site_rec = content.config_records.get(P.SITE)
+            if site_rec is not None:
+                site = str(site_rec.get(P.SITE_ID, site))
                 self.node_sites[node] = site
             reason, state, metrics = self._validate_reply(content)
             report.reply_keys_ok[site] = state is not None and all(k.startswith(TRAINABLE_PREFIXES) for k in state)
@@ -166,10 +167,16 @@ class RobustAggregation:
             info["upload_bytes"] = arrayrecord_nbytes(next(iter(content.array_records.values())))
             info["download_bytes"] = report.download_bytes
             info["node_id"] = node
+            for key in (P.STATUS, P.REASON):
+                if site_rec is not None and site_rec.get(key) is not None:
+                    info[key] = str(site_rec[key])
             report.sites[site] = info
             if n <= 0:
-                report.ignored[site] = "trained on 0 samples; left out of the average"
-                log.warning("round %d: site %s sent 0 examples; ignored in the average", g, site)
+                why = info.get(P.REASON)
+                report.ignored[site] = (f"did not train: {why}" if why else "trained on 0 samples") + \
+                    "; left out of the average"
+                log.warning("round %d: site %s sent 0 examples (%s); ignored in the average", g, site,
+                            why or "no reason given")
                 continue
             contributors.append((site, state, n, info))
         for node in set(report.sent_to) - replied:

@@ -9,6 +9,8 @@ import yaml
 from PIL import Image
 
 TINY_MODEL = {"backbone": "timm:mobilenetv3_small_050", "g_input_size": 64}
+# A DP federation needs HarDNet's g (timm backbones use BatchNormAct2d, which the GroupNorm conversion refuses).
+DP_MODEL = {"backbone": "hardnet68", "g_input_size": 64}
 
 
 def make_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
@@ -29,6 +31,7 @@ def make_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
 
 
 def write_yaml(path: Path, data: dict) -> Path:
+    """Write ``data`` as YAML (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -37,8 +40,12 @@ def write_yaml(path: Path, data: dict) -> Path:
 def make_federation(tmp: Path, *, sites: dict[str, int], rounds: int = 2, min_sites: int = 2,
                     val_fraction: float = 0.0, central_validation: bool = True, bench_images: int = 2,
                     round_timeout: float = 120.0, resume: bool = False, name: str = "fedtest",
-                    model: dict | None = None, output_dir: Path | None = None, client_cpus: float = 1.0) -> Path:
-    """Write synthetic data, one site YAML per entry of ``sites`` (site id -> images) and a federation YAML."""
+                    model: dict | None = None, output_dir: Path | None = None, client_cpus: float = 1.0,
+                    site_options: dict[str, dict] | None = None) -> Path:
+    """Write synthetic data, one site YAML per entry of ``sites`` (site id -> images) and a federation YAML.
+
+    ``site_options``: site id -> extra site YAML keys (e.g. ``privacy``, ``audit``).
+    """
     data = tmp / "data"
     site_files = []
     for i, (site_id, n) in enumerate(sites.items()):
@@ -47,7 +54,7 @@ def make_federation(tmp: Path, *, sites: dict[str, int], rounds: int = 2, min_si
             make_dataset(ds, n, seed=10 + i)
         site_files.append(write_yaml(tmp / "sites" / f"{site_id}.yaml", {
             "site_id": site_id, "data": {"dataset": str(ds)}, "local_epochs": 1, "batch_size": 2,
-            "augmentation": "none", "val_fraction": val_fraction}).name)
+            "augmentation": "none", "val_fraction": val_fraction, **(site_options or {}).get(site_id, {})}).name)
     if not (data / "bench" / "images").is_dir():
         make_dataset(data / "bench", bench_images, seed=99)
     if not (data / "val" / "images").is_dir():
