@@ -38,10 +38,19 @@ def save_checkpoint(path: str | Path, trainable_state: Mapping[str, torch.Tensor
         "trainable_state": {k: v.detach().cpu() for k, v in trainable_state.items()},
         "metadata": dict(metadata),
     }
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it over ``path``.
+
+    A crash or error mid-write leaves any previous ``path`` intact and no temporary file behind.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import atomic_torch_save
 from ..sam import FrozenSam
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,8 @@ class EmbeddingCache:
             x = torch.stack([self.sam.preprocess(load_image(p))[0] for p in chunk])
             emb = self.sam.encode(x).to(torch.float16)
             for p, e in zip(chunk, emb):
-                self._write(self.path(p), e.clone())
+                atomic_torch_save(e.clone(), self.path(p))
             bar.update(len(chunk))
         bar.close()
         self.misses += len(todo)
         return {"cached": cached, "computed": len(todo), "seconds": time.perf_counter() - t0}
-
-    def _write(self, dest: Path, tensor: torch.Tensor) -> None:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save(tensor, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
