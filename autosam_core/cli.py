@@ -329,6 +329,13 @@ def format_federation_summary(summary: dict) -> str:
     lines += ["", "sites: " + ", ".join(f"{k} ({n} training images, {mb.get(k, 0):.0f} MB per round)"
                                         for k, n in sites.items()),
               f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"]
+    for site, d in (summary.get("privacy") or {}).items():  # DP federation: epsilon spent per site
+        per_round = ", ".join(f"r{r['round']} " + (f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "inf")
+                              for r in d.get("rounds", []))
+        skipped = [str(r["round"]) for r in d.get("rounds", []) if r.get("status") == "skipped"]
+        target = f" of target {d['target_epsilon']:g}" if d.get("target_epsilon") else ""
+        lines.append(f"privacy {site}: epsilon {per_round}{target} at delta {d.get('delta', 0):g}"
+                     + (f"; skipped rounds {', '.join(skipped)} (budget)" if skipped else ""))
     return "\n".join(lines)
 
 

@@ -778,6 +778,9 @@ class DPSiteTrainer(SiteTrainer):
     def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0, insecure_seed: int | None = None) -> dict:
         """One round of DP training of g in place, or nothing if the budget would be exceeded.
 
+        The ledger is re-read from its file first, so a long-lived trainer never accounts from a stale
+        copy when another process has trained this site in between.
+
         Args:
             epochs: local epochs. proximal_mu: FedProx mu.
             seed: accepted for :class:`SiteTrainer` compatibility and ignored: a public seed must not
@@ -791,6 +794,9 @@ class DPSiteTrainer(SiteTrainer):
             ``steps`` 0 and a ``skip_reason`` text.
         """
         p = self.privacy
+        # The file is the truth: another process (a deployment's next round, another simulation actor
+        # serving this site) may have trained this site since this trainer last looked.
+        self.ledger.load()
         sigma = self.noise_multiplier(epochs)
         next_steps = epochs * self.steps_per_epoch
         base = {"delta": p.delta, "target_epsilon": p.target_epsilon, "sample_rate": self.sample_rate,

@@ -129,6 +129,7 @@ def plot_epsilon(path: Path, privacy: Mapping[str, Mapping], title: str) -> Path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     rounds: set[int] = set()
+    top = 0.0
     for i, (site, d) in enumerate(sorted(privacy.items())):
         color = f"C{i % 10}"
         pts = [(r["round"], r["epsilon"]) for r in d["rounds"] if r["epsilon"] is not None
@@ -138,17 +139,19 @@ def plot_epsilon(path: Path, privacy: Mapping[str, Mapping], title: str) -> Path
         label = f"{site} (delta {float(delta):g})" if delta is not None else site
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=label)
+            top = max(top, max(e for _, e in pts))
         skipped = [(r["round"], r["epsilon"]) for r in d["rounds"] if r.get("status") == "skipped"
                    and r["epsilon"] is not None and np.isfinite(r["epsilon"])]
         if skipped:
             ax.plot(*zip(*skipped), linestyle="none", marker="x", markersize=10, color=color,
                     label=f"{site}: skipped (budget)")
         if d.get("target_epsilon"):
+            top = max(top, float(d["target_epsilon"]))
             ax.axhline(float(d["target_epsilon"]), linestyle="--", color=color, alpha=0.8,
                        label=f"{site} target {float(d['target_epsilon']):g}")
     ax.set_xlabel("server round")
     ax.set_ylabel("epsilon spent so far (at the site's delta)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.12 * top if top > 0 else 1.0)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

@@ -352,7 +352,7 @@ class FederatedServer:
         if report is not None:
             ok = ", ".join(f"{s}({v['num_examples']})" for s, v in report.sites.items()) or "none"
             parts.append(f"sites ok: {ok}")
-            eps = [f"{s} {v['epsilon']:.3g}" + (f"/{v['target_epsilon']:g}" if v.get("target_epsilon") else "")
+            eps = [f"{s} {v['epsilon']:.4g}" + (f"/{v['target_epsilon']:g}" if v.get("target_epsilon") else "")
                    for s, v in report.sites.items() if v.get("epsilon") is not None]
             if eps:
                 parts.append("epsilon spent: " + ", ".join(eps))
