@@ -218,6 +218,10 @@ def flower_env(flwr_home: Path, extra: dict | None = None) -> dict:
     from autosam_core.data.dataset import data_root
 
     env = dict(os.environ)
+    # Flower's processes start each other by name (flower-superlink -> flower-superexec, flwr-serverapp,
+    # ...): put this interpreter's bin folder first so a non-activated venv (make demo) finds them.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

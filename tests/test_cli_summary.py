@@ -18,3 +18,17 @@ def test_federation_summary_table():
 def test_evaluation_table_in_percent():
     text = format_table({"Kvasir": {"dice": 0.8123, "iou": 0.7, "num_images": 100}})
     assert "| Kvasir | 100 | 81.2 | 70.0 |" in text
+
+
+def test_flower_processes_find_their_siblings_without_an_activated_venv(tmp_path, monkeypatch):
+    import os
+    import sys
+    from pathlib import Path
+
+    from server.processes import flower_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as under `make demo`: .venv/bin not on PATH
+    env = flower_env(tmp_path)
+    first = env["PATH"].split(os.pathsep)[0]
+    assert first == str(Path(sys.executable).parent)
+    assert (Path(first) / "flower-superexec").exists()
