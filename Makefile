@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e"

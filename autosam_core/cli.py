@@ -66,11 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
     base = Path(args.config).resolve().parent
-    out = Path(args.output or Path(cfg.output_dir) / cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
     pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]  # data errors before model build
     for ref in cfg.evaluate:
         resolve_pairs(ref, base)
+    out = Path(args.output or Path(cfg.output_dir) / cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model = build_autosam(cfg.sam, cfg.model, seed=cfg.train.seed)
     counts = model.num_trainable_parameters()

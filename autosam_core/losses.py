@@ -1,6 +1,6 @@
 """Training loss of AutoSAM: binary cross-entropy plus soft Dice.
 
-Source: AutoSAM paper (arXiv:2306.06370) Eq. 2-4, as summarised in DESIGN.md section 1:
+Source: AutoSAM paper (arXiv:2306.06370) Eq. 2-4, as summarised in docs/DESIGN.md section 1:
 BCE + Dice with +1 smoothing, unweighted, on the sigmoid of SAM's logits.
 """
 
@@ -54,7 +54,7 @@ def soft_dice_loss(
 ) -> torch.Tensor:
     """Soft Dice loss on ``sigmoid(logits)``, computed per image and averaged over the batch.
 
-    Source: AutoSAM paper Eq. 3-4 (DESIGN.md section 1). With p = sigmoid(logits), t = targets,
+    Source: AutoSAM paper Eq. 3-4 (docs/DESIGN.md section 1). With p = sigmoid(logits), t = targets,
     per image: TP = sum(p t), FP = sum(p (1 - t)), FN = sum((1 - p) t) and
     ``loss_i = 1 - (2 TP + smooth) / (2 TP + FN + FP + smooth)``; the result is ``mean_i loss_i``.
 
@@ -82,7 +82,7 @@ def bce_dice_loss(
 ) -> torch.Tensor:
     """BCE-with-logits (mean over all pixels) plus soft Dice loss, unweighted.
 
-    Source: AutoSAM paper Eq. 2-4 (DESIGN.md section 1; docs/ARCHITECTURE.md
+    Source: AutoSAM paper Eq. 2-4 (docs/DESIGN.md section 1; docs/ARCHITECTURE.md
     "autosam_core.losses"): ``L = BCE(sigmoid(logits), targets) + (1 - Dice)`` with Dice as in
     :func:`soft_dice_loss` (per image, +``smooth``, averaged over images). The BCE is computed
     from the logits (numerically stable) in float32 and averaged over every pixel of the batch,

@@ -1,6 +1,6 @@
 """Segmentation metrics: per-image Dice and IoU, averaged over images.
 
-Source: DESIGN.md section 1 ("Metrics: per-image Dice and IoU after thresholding, averaged over
+Source: docs/DESIGN.md section 1 ("Metrics: per-image Dice and IoU after thresholding, averaged over
 images"; threshold logits at 0, never min-max rescale them) and docs/ARCHITECTURE.md
 ("autosam_core.losses / metrics").
 
@@ -97,7 +97,7 @@ def _batch_counts(pred: ArrayLike, gt: ArrayLike) -> tuple[np.ndarray, np.ndarra
 def dice_iou(pred_mask: ArrayLike, gt_mask: ArrayLike) -> tuple[float, float]:
     """Dice and IoU of one image's binary prediction against its ground truth.
 
-    Source: DESIGN.md section 1 (per-image Dice and IoU after thresholding); docs/ARCHITECTURE.md.
+    Source: docs/DESIGN.md section 1 (per-image Dice and IoU after thresholding); docs/ARCHITECTURE.md.
 
     Args:
         pred_mask: predicted mask of one image, numpy array or torch tensor, any shape (e.g.
@@ -121,7 +121,7 @@ def dice_iou(pred_mask: ArrayLike, gt_mask: ArrayLike) -> tuple[float, float]:
 def masks_from_logits(logits: ArrayLike) -> ArrayLike:
     """Binary masks from logits by thresholding at 0 (probability 0.5).
 
-    Source: DESIGN.md section 1: logits are thresholded at 0 and never min-max rescaled per image
+    Source: docs/DESIGN.md section 1: logits are thresholded at 0 and never min-max rescaled per image
     (rescaling turns an empty frame half foreground).
 
     Args:
@@ -147,7 +147,7 @@ def masks_from_logits(logits: ArrayLike) -> ArrayLike:
 class MeanMetrics:
     """Running per-image Dice/IoU accumulator, averaged over images (not pixels).
 
-    Source: DESIGN.md section 1 ("per-image Dice and IoU ... averaged over images");
+    Source: docs/DESIGN.md section 1 ("per-image Dice and IoU ... averaged over images");
     docs/ARCHITECTURE.md (``engine.evaluate -> {"dice", "iou", "num_images"}``).
 
     Example: one perfect 100-pixel image and one image with 10,000 GT pixels and an empty

@@ -4,7 +4,7 @@ SAM = image encoder E_s + prompt encoder + mask decoder D_s (paper section 3, Fi
 trains any of them: the prompt encoder is only used for ``get_dense_pe()`` (the positional encoding
 ``image_pe``), and the dense prompt comes from the trained prompt generator instead.
 
-Backbones (DESIGN.md section 2):
+Backbones (docs/DESIGN.md section 2):
 
 =============  ============================================================  ==========
 kind           source                                                        input size

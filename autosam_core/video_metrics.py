@@ -51,7 +51,7 @@ Two modes:
   Values are not rounded (the toolbox prints 3 decimals).
 
 ``mode="safe"`` (default) uses the same formulas but never returns NaN or a value outside [0, 1]:
-no min-max rescaling (DESIGN.md: never rescale per image; it turns a near-empty map into a full-range
+no min-max rescaling (docs/DESIGN.md: never rescale per image; it turns a near-empty map into a full-range
 one), E_phi divides by H*W, std/variance of a single pixel is 0, empty quadrants are skipped, and an
 empty ground truth scores the overlap metrics (Dice, Sensitivity, F_beta at each threshold, and
 F^w_beta) 1 only for an empty prediction and 0 otherwise (the convention of

@@ -1,4 +1,4 @@
-"""Tests for autosam_core.data.io (image/mask loading; DESIGN.md sections 1 and 6)."""
+"""Tests for autosam_core.data.io (image/mask loading; docs/DESIGN.md sections 1 and 6)."""
 
 from __future__ import annotations
 

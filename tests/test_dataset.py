@@ -1,4 +1,4 @@
-"""Tests for autosam_core.data.dataset (pairing by stem, splits, dataset; DESIGN.md section 6)."""
+"""Tests for autosam_core.data.dataset (pairing by stem, splits, dataset; docs/DESIGN.md section 6)."""
 
 from __future__ import annotations
 

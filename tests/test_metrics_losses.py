@@ -1,4 +1,4 @@
-"""Tests for autosam_core.metrics and autosam_core.losses (paper Eq. 2-4; DESIGN.md section 1)."""
+"""Tests for autosam_core.metrics and autosam_core.losses (paper Eq. 2-4; docs/DESIGN.md section 1)."""
 
 from __future__ import annotations
 

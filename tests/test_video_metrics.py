@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from autosam_core import video_metrics as vm
+from autosam_core.data.dataset import data_root
 from autosam_core.video_metrics import (DegenerateGroundTruthWarning, FramePairingWarning,
                                         dice_curve, e_phi, e_phi_curve, evaluate_clips,
                                         evaluate_frames, f_beta_curve, frame_scores, metrics_main,
@@ -318,7 +319,7 @@ def test_toolbox_dice_reproduces_linspace_float_thresholds():
 
 
 # ---------------------------------------------------------------- (5) real polyp frames as clips
-CLINIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "CVC-ClinicDB"
+CLINIC = data_root() / "CVC-ClinicDB"
 
 
 @pytest.mark.skipif(not (CLINIC / "splits" / "sequences.csv").is_file(), reason="CVC-ClinicDB absent")

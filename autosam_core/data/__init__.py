@@ -1,6 +1,6 @@
 """Data loading for AutoSAM-FL: image/mask I/O, stem pairing, datasets and augmentations.
 
-Contracts: docs/ARCHITECTURE.md ("autosam_core.data"); layout: DESIGN.md section 6.
+Contracts: docs/ARCHITECTURE.md ("autosam_core.data"); layout: docs/DESIGN.md section 6.
 
 ``build_augmentation`` and ``PRESETS`` are imported lazily (albumentations takes seconds to
 import), so ``from autosam_core.data import load_image`` stays fast.

@@ -1,12 +1,12 @@
 """Dataset discovery, image/mask pairing by file stem, and the segmentation dataset.
 
-Data layout (DESIGN.md section 6, ``../shared/data/README.md``)::
+Data layout (docs/DESIGN.md section 6, ``../shared/data/README.md``)::
 
     <dataset>/images/<stem>.<jpg|png|...>
     <dataset>/masks/<stem>.png            0/255
     <dataset>/splits/<split>.txt          one stem per line
 
-Images and masks are paired by stem, never by sorted order (DESIGN.md section 1, known flaws of the
+Images and masks are paired by stem, never by sorted order (docs/DESIGN.md section 1, known flaws of the
 public AutoSAM code). Image/mask sizes are compared from the file headers and mismatches are rejected,
 never padded. Nothing is dropped silently: every skipped file is listed in a :class:`PairingReport`,
 and :class:`SegmentationDataset` logs its summary at WARNING when anything was skipped.
@@ -65,7 +65,7 @@ class EmptyDatasetError(ValueError):
 def data_root() -> Path:
     """Return the root folder of the shared datasets.
 
-    Source: DESIGN.md section 6 / docs/ARCHITECTURE.md: ``$AUTOSAM_DATA`` when set and non-empty,
+    Source: docs/DESIGN.md section 6 / docs/ARCHITECTURE.md: ``$AUTOSAM_DATA`` when set and non-empty,
     else ``<repo root>/../shared/data`` where the repo root is the parent of the ``autosam_core``
     package directory. The path is returned as is (``~`` expanded); its existence is not checked.
 
@@ -82,7 +82,7 @@ def data_root() -> Path:
 def list_splits(dataset_dir: str | os.PathLike) -> list[str]:
     """Names of the split files in ``<dataset_dir>/splits`` (``*.txt`` without the suffix), sorted.
 
-    Returns an empty list when the ``splits`` folder does not exist. Source: DESIGN.md section 6.
+    Returns an empty list when the ``splits`` folder does not exist. Source: docs/DESIGN.md section 6.
     """
     splits_dir = Path(dataset_dir) / "splits"
     if not splits_dir.is_dir():
@@ -93,7 +93,7 @@ def list_splits(dataset_dir: str | os.PathLike) -> list[str]:
 def read_split(dataset_dir: str | os.PathLike, split: str) -> list[str]:
     """Read the stems listed in ``<dataset_dir>/splits/<split>.txt``.
 
-    Source: DESIGN.md section 6 (one stem per line). Surrounding whitespace is stripped; blank
+    Source: docs/DESIGN.md section 6 (one stem per line). Surrounding whitespace is stripped; blank
     lines and lines starting with ``#`` are ignored. ``split`` may be given with or without the
     ``.txt`` suffix.
 
@@ -139,7 +139,7 @@ def _natural_key(stem: str) -> list[Any]:
 
 @dataclass(frozen=True)
 class Pair:
-    """One image/mask pair sharing a file stem (DESIGN.md sections 1 and 6).
+    """One image/mask pair sharing a file stem (docs/DESIGN.md sections 1 and 6).
 
     Attributes:
         stem: file name without extension, e.g. ``"cju0qkwl35piu0993l0dewei2"``.
@@ -165,7 +165,7 @@ def _fmt_names(names: Sequence[str]) -> str:
 class PairingReport:
     """Outcome of :func:`pair_by_stem`: the usable pairs and every skipped file, by reason.
 
-    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md section 1 (pair by stem).
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); docs/DESIGN.md section 1 (pair by stem).
 
     Attributes:
         pairs: usable pairs, in split order when stems were given, else in natural stem order.
@@ -272,7 +272,7 @@ def pair_by_stem(
 ) -> PairingReport:
     """Pair image and mask files by stem and check their sizes from the headers.
 
-    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md sections 1 and 6.
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); docs/DESIGN.md sections 1 and 6.
 
     Image extensions: .jpg .jpeg .png .tif .tiff .bmp (case-insensitive); masks the same, and when a
     stem has several mask files the ``.png`` one is preferred (then .tif, .tiff, .bmp, .jpg, .jpeg).
@@ -351,7 +351,7 @@ def pair_by_stem(
 class SegmentationDataset:
     """Map-style dataset of image/mask pairs from one dataset folder.
 
-    Source: docs/ARCHITECTURE.md ("autosam_core.data"); DESIGN.md section 6 for the layout.
+    Source: docs/ARCHITECTURE.md ("autosam_core.data"); docs/DESIGN.md section 6 for the layout.
     Torch-free: ``torch.utils.data.DataLoader`` accepts it as is.
 
     Each item is a dict::

@@ -1,11 +1,11 @@
 """Image and mask file reading for AutoSAM-FL.
 
-Contracts (docs/ARCHITECTURE.md, "autosam_core.data"; DESIGN.md section 6):
+Contracts (docs/ARCHITECTURE.md, "autosam_core.data"; docs/DESIGN.md section 6):
 
 * images entering the pipeline are ``numpy.uint8`` arrays of shape (H, W, 3), RGB;
 * masks are ``numpy.uint8`` arrays of shape (H, W) with values in {0, 1};
 * 0-255 masks (including JPEG masks with compression noise) are binarised at ``>= 128``
-  (DESIGN.md section 1: the public AutoSAM code thresholded JPEG masks at ``> 0``, which turns
+  (docs/DESIGN.md section 1: the public AutoSAM code thresholded JPEG masks at ``> 0``, which turns
   compression noise into foreground).
 
 Pixels are returned as stored: EXIF orientation tags are deliberately ignored so that an image and
@@ -130,7 +130,7 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
 def load_image(path: PathLike) -> np.ndarray:
     """Load an image file as an RGB ``uint8`` array of shape (H, W, 3).
 
-    Contract: docs/ARCHITECTURE.md ("Images entering the pipeline"); DESIGN.md section 6.
+    Contract: docs/ARCHITECTURE.md ("Images entering the pipeline"); docs/DESIGN.md section 6.
 
     Conversions:
 
@@ -192,7 +192,7 @@ def load_image(path: PathLike) -> np.ndarray:
 def load_mask(path: PathLike) -> np.ndarray:
     """Load a binary segmentation mask as ``uint8`` (H, W) with values in {0, 1}.
 
-    Contract: docs/ARCHITECTURE.md ("Masks"); DESIGN.md sections 1 and 6 (masks are 0/255 PNG,
+    Contract: docs/ARCHITECTURE.md ("Masks"); docs/DESIGN.md sections 1 and 6 (masks are 0/255 PNG,
     binarise 0-255 masks at ``>= 128``).
 
     Rules, applied in order:

@@ -1,6 +1,6 @@
 """Training augmentations (albumentations presets) for AutoSAM-FL.
 
-Source: AutoSAM paper (arXiv:2306.06370) section 4, "Training details", as summarised in DESIGN.md
+Source: AutoSAM paper (arXiv:2306.06370) section 4, "Training details", as summarised in docs/DESIGN.md
 section 1. The paper's recipes read like torchvision's ``ColorJitter`` / ``RandomAffine``, which are
 applied to every sample; the presets therefore use ``p=1.0`` for colour jitter and the affine of
 GlaS and MoNuSeg, and ``p=0.5`` for flips.
@@ -84,7 +84,7 @@ def build_augmentation(
 ) -> A.Compose | None:
     """Build the training augmentation pipeline for a dataset family.
 
-    Source: AutoSAM paper section 4 "Training details" (DESIGN.md section 1);
+    Source: AutoSAM paper section 4 "Training details" (docs/DESIGN.md section 1);
     docs/ARCHITECTURE.md ("autosam_core.data").
 
     Presets:
