@@ -101,13 +101,13 @@ class AutoSam(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            sam_input, input_size = self.sam.preprocess(image)
+            input_size = resized_shape(image.shape[:2], self.sam.spec.input_size)
             g = self.g_input(image)[None]
             if surrogate:
                 low = self.surrogate_logits(g)
             else:
                 if image_embeddings is None:
-                    image_embeddings = self.sam.encode(sam_input[None])
+                    image_embeddings = self.sam.encode(self.sam.preprocess(image)[0][None])
                 low = self(image_embeddings.reshape(1, *image_embeddings.shape[-3:]), g)
             # h's output lives in the same 256x256 low-res frame as SAM's, so one postprocess serves both.
             logits = self.sam.postprocess(low, input_size, image.shape[:2])
