@@ -206,6 +206,11 @@ def format_markdown(results: dict) -> str:
              f"checkpoint `{meta.get('checkpoint', '?')}`. {meta.get('training', '')}".strip(),
              f"Paper: {PAPER_BACKBONE}. Paper numbers are the published ones, not re-measured.", "",
              "Dice and IoU in %, per image at the original size (logits > 0), averaged over images.", ""]
+    if meta.get("sam_kind") == "lite_medsam":
+        lines += ["Note: LiteMedSAM (MedSAM-Lite) was trained with box prompts only. Its point and mask prompt",
+                  "pathways are effectively untrained (measured: a ground-truth mask prompt gives all-negative",
+                  "logits, -25 to -13), so the point and mask-prompt rows are near 0 here; they are meaningful",
+                  "with a segment-anything ViT checkpoint (`sam.kind: vit_h`).", ""]
     for label, ds in results["datasets"].items():
         paper = PAPER.get(_paper_key(label) or "", {})
         lines += [f"## {label}", "",
