@@ -251,9 +251,9 @@ def _plot_examples(label: str, shown: list, path: Path) -> None:
                 ax.imshow(image)
                 ax.set_title(stem[:18], fontsize=7)
             elif key == "gt":
-                ax.imshow(mask, cmap="gray")
+                ax.imshow(mask, cmap="gray", interpolation="nearest")
             elif key in preds:
-                ax.imshow(preds[key], cmap="gray")
+                ax.imshow(preds[key], cmap="gray", interpolation="nearest")
             else:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center")
             if r == 0 and key is not None:
