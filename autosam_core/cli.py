@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,10 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("epoch %d: loss %.4f train Dice %.3f val Dice %.3f (%.1f s, %.2f s/step)", epoch, row["train_loss"],
                  row["train_dice"], row["val_dice"], row["seconds"], row["seconds_per_step"])
         save_checkpoint(out / "last.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
-        score = val["dice"] if val_pairs else -epoch  # no validation split: keep the last epoch
-        if not val_pairs or score > best:
-            best = score if val_pairs else best
-            save_checkpoint(out / "best.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
+        if not val_pairs or val["dice"] > best:  # no validation split: the last epoch is the best
+            best = val["dice"] if val_pairs else best
+            shutil.copyfile(out / "last.pt", out / ".best.pt.tmp")  # same bytes: no second serialisation
+            (out / ".best.pt.tmp").replace(out / "best.pt")  # atomic, like save_checkpoint
         _write_json(out / "history.json", history)
     if model.surrogate_decoder is not None and cfg.train.surrogate_epochs > 0:
         from .checkpoint import load_checkpoint

@@ -89,9 +89,7 @@ def resolve_pairs(ref: DataRef, base_dir: Path | None = None) -> list[Pair]:
     if stems is not None and ref.limit:
         stems = stems[: ref.limit]
     report = pair_by_stem(d / "images", d / "masks", stems=stems)
-    skipped = len(report.pairs) != (len(stems) if stems is not None else len(report.pairs)) or \
-        report.missing_masks or report.size_mismatch
-    if skipped:
+    if report.num_skipped:
         log.warning("%s: %s", ref.label, report.summary())
     pairs = list(report.pairs)
     if stems is None and ref.limit:
