@@ -54,6 +54,22 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def _runtime(args: argparse.Namespace, cfg=None) -> tuple[torch.device, str]:
+    """(device, resolved precision) from ``--device``/``--precision``, else the config, else auto; logged."""
+    from .precision import resolve_device, resolve_precision
+
+    device = resolve_device(getattr(args, "device", None) or getattr(cfg, "device", None) or "auto")
+    precision = resolve_precision(getattr(args, "precision", None) or getattr(cfg, "precision", None) or "auto", device)
+    log.info("device %s, precision %s", device, precision)
+    return device, precision
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (default: CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (default auto: bf16 where the CPU/GPU computes it fast, else fp32)")
+
+
 # ----- train ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
@@ -244,7 +260,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     cfg = load_yaml_config(args.config, TrainJobConfig)
     base = Path(args.config).resolve().parent
-    sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint)
+    device, precision = _runtime(args, cfg)
+    sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint).to(device).set_precision(precision)
     cache = EmbeddingCache(sam, cfg.cache_dir)
     paths = [p.image_path for ref in [*cfg.train_data, *cfg.evaluate] for p in resolve_pairs(ref, base)]
     stats = cache.ensure(paths, load_image)
@@ -379,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("embed", help="fill the SAM embedding cache for a training YAML")
     m.add_argument("config")
+    _add_runtime_arguments(m)
     m.set_defaults(func=cmd_embed)
 
     i = sub.add_parser("info", help="parameter counts and shapes")

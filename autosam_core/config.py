@@ -98,10 +98,19 @@ class TrainConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
 class TrainJobConfig(_Strict):
-    """Centralised training job (``autosam train``)."""
+    """Centralised training job (``autosam train``).
+
+    device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; precision: ``auto`` | ``fp32`` | ``bf16`` |
+    ``fp16`` (see :mod:`autosam_core.precision`).
+    """
 
     name: str = "autosam"
+    device: str = "auto"
+    precision: Precision = "auto"
     sam: SamConfig = SamConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -140,6 +149,8 @@ class SiteConfig(_Strict):
 
     site_id: str
     data: DataRef
+    device: str = "auto"
+    precision: Precision = "auto"
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(10, ge=1)
     lr: float = Field(3e-4, gt=0)

@@ -142,8 +142,24 @@ class FrozenSam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.weights_id = weights_id
+        self.precision = "fp32"
         self.requires_grad_(False)
         super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of SAM's weights (where encode/decode run)."""
+        return next(self.mask_decoder.parameters()).device
+
+    def set_precision(self, precision: str) -> "FrozenSam":
+        """Run the encoder and decoder under autocast in ``precision`` (``fp32``, ``bf16``, ``fp16``;
+        already resolved, see :func:`autosam_core.precision.resolve_precision`). Changes cache keys."""
+        from .precision import PRECISIONS
+
+        if precision not in PRECISIONS or precision == "auto":
+            raise ValueError(f"set_precision expects fp32, bf16 or fp16 (resolved); found {precision!r}")
+        self.precision = precision
+        return self
 
     def train(self, mode: bool = True) -> "FrozenSam":
         """Ignore ``mode``: a frozen SAM always stays in eval mode (dropout off, fixed norms)."""
@@ -153,7 +169,8 @@ class FrozenSam(nn.Module):
     def cache_id(self) -> str:
         """Identifier of (backbone, weights, preprocessing) used to key cached image_embeddings."""
         s = self.spec
-        return f"{s.kind}-{self.weights_id}-S{s.input_size}-pre1"
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"  # fp32 keys unchanged since pre1
+        return f"{s.kind}-{self.weights_id}-S{s.input_size}-pre1{suffix}"
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 RGB (H, W, 3) -> (normalised padded float32 (3, S, S), input_size (h, w)).
@@ -166,17 +183,24 @@ class FrozenSam(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen image encoder E_s.
 
+        Runs on SAM's device under autocast in :attr:`precision`.
+
         Args:
-            images: float32 (B, 3, S, S) from :meth:`preprocess` (stacked).
+            images: float32 (B, 3, S, S) from :meth:`preprocess` (stacked), any device.
 
         Returns:
-            image_embeddings float32 (B, 256, 64, 64), an inference tensor (no autograd history).
+            image_embeddings float32 (B, 256, 64, 64) on SAM's device, an inference tensor (no
+            autograd history).
         """
+        from .precision import autocast
+
         if images.ndim != 4 or images.shape[1:] != (3, self.spec.input_size, self.spec.input_size):
             raise ValueError(
                 f"encode expects (B, 3, {self.spec.input_size}, {self.spec.input_size}), found {tuple(images.shape)}")
-        with torch.inference_mode():
-            return self.image_encoder(images)
+        device = self.device
+        with torch.inference_mode(), autocast(device, self.precision):
+            out = self.image_encoder(images.to(device))
+        return out.float()
 
     def decode(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:
         """Frozen mask decoder D_s prompted only by a dense prompt (paper Eq. 1, M_z = S(I, Z)).
