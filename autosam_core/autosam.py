@@ -19,6 +19,9 @@ from torch import nn
 from .sam import FrozenSam, resize_and_pad, resized_shape
 
 TRAINABLE_PREFIXES = ("prompt_generator.", "surrogate_decoder.")
+# Inference refinement: "box" = SAM prompted with the box of each component of the first mask plus
+# g's dense prompt; "box_only" = the same boxes with SAM's own no-mask dense embedding.
+REFINE_MODES = ("none", "box", "box_only")
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
@@ -40,12 +43,29 @@ class AutoSam(nn.Module):
     """
 
     def __init__(self, sam: FrozenSam, prompt_generator: nn.Module, surrogate_decoder: nn.Module | None = None,
-                 g_input_size: int = 256):
+                 g_input_size: int = 256, refine: str = "none"):
         super().__init__()
+        if refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, found {refine!r}")
         self.sam = sam
         self.prompt_generator = prompt_generator
         self.surrogate_decoder = surrogate_decoder
         self.g_input_size = g_input_size
+        self.refine = refine
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether g reads the image (False for a g that reads only SAM's image_embeddings)."""
+        return getattr(self.prompt_generator, "reads_images", True)
+
+    def dense_prompt(self, image_embeddings: torch.Tensor | None, g_inputs: torch.Tensor | None) -> torch.Tensor:
+        """g(I): dense_prompt_embeddings float32 (B, 256, 64, 64) from g's inputs (B, 3, G, G) and,
+        for a g that fuses them, SAM's image_embeddings (B, 256, 64, 64); both on SAM's device."""
+        device = self.sam.device
+        g_inputs = None if g_inputs is None else g_inputs.to(device)
+        if getattr(self.prompt_generator, "fuse_embeddings", False):
+            return self.prompt_generator(g_inputs, image_embeddings.to(device))
+        return self.prompt_generator(g_inputs)
 
     # ----- inputs -------------------------------------------------------------------------------
     def g_input(self, image: np.ndarray) -> torch.Tensor:
@@ -70,23 +90,47 @@ class AutoSam(nn.Module):
 
         Args:
             image_embeddings: (B, 256, 64, 64) from the frozen encoder (cached float16 accepted).
-            g_inputs: (B, 3, G, G) float32 from :meth:`g_input`.
+            g_inputs: (B, 3, G, G) float32 from :meth:`g_input`, or None when g reads no image.
+
+        Returns:
+            low_res_logits float32 (B, 1, 256, 256) of the single dense-prompted pass (training).
+        """
+        return self.sam.decode(image_embeddings, self.dense_prompt(image_embeddings, g_inputs))
+
+    @torch.no_grad()
+    def predict_low_res(self, image_embeddings: torch.Tensor, g_inputs: torch.Tensor | None,
+                        valid: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Inference: :meth:`forward`, then (``refine`` "box" / "box_only") SAM prompted again with the
+        box of each connected component of that mask (:meth:`FrozenSam.refine_with_boxes`), with g's
+        dense prompt ("box") or SAM's own no-mask embedding ("box_only").
+
+        Args:
+            image_embeddings: (B, 256, 64, 64); g_inputs: (B, 3, G, G) or None; valid: optional
+                per-image (h, w) content region in the 256x256 low-res frame.
 
         Returns:
             low_res_logits float32 (B, 1, 256, 256).
         """
-        dense_prompt_embeddings = self.prompt_generator(g_inputs)
-        return self.sam.decode(image_embeddings, dense_prompt_embeddings)
+        dense = self.dense_prompt(image_embeddings, g_inputs)
+        low = self.sam.decode(image_embeddings, dense)
+        if self.refine == "box":
+            low = self.sam.refine_with_boxes(image_embeddings, low, dense, valid=valid)
+        elif self.refine == "box_only":
+            no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(dense.dtype)
+            low = self.sam.refine_with_boxes(image_embeddings, low, no_mask.expand_as(dense), valid=valid)
+        return low
 
-    def surrogate_logits(self, g_inputs: torch.Tensor) -> torch.Tensor:
-        """h(g(I)): (B, 3, G, G) -> mask logits (B, 1, 256, 256) in the same low-res frame as SAM's.
+    def surrogate_logits(self, g_inputs: torch.Tensor | None, image_embeddings: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """h(g(I)): (B, 3, G, G) (and SAM's image_embeddings for a g that reads them) -> mask logits
+        (B, 1, 256, 256) in the same low-res frame as SAM's.
 
         Raises:
             RuntimeError: the model has no surrogate decoder.
         """
         if self.surrogate_decoder is None:
             raise RuntimeError("this AutoSam has no surrogate decoder (set model.surrogate: true)")
-        return self.surrogate_decoder(self.prompt_generator(g_inputs))
+        return self.surrogate_decoder(self.dense_prompt(image_embeddings, g_inputs))
 
     @torch.no_grad()
     def predict_logits(self, image: np.ndarray, image_embeddings: torch.Tensor | None = None,
@@ -102,15 +146,19 @@ class AutoSam(nn.Module):
         self.eval()
         try:
             input_size = resized_shape(image.shape[:2], self.sam.spec.input_size)
-            g = self.g_input(image)[None]
+            g = self.g_input(image)[None] if self.reads_images else None
+            needs_embeddings = not surrogate or not self.reads_images
+            if needs_embeddings and image_embeddings is None:
+                image_embeddings = self.sam.encode(self.sam.preprocess(image)[0][None])
+            if image_embeddings is not None:
+                image_embeddings = image_embeddings.reshape(1, *image_embeddings.shape[-3:])
             if surrogate:
-                low = self.surrogate_logits(g)
+                low = self.surrogate_logits(g, image_embeddings)
             else:
-                if image_embeddings is None:
-                    image_embeddings = self.sam.encode(self.sam.preprocess(image)[0][None])
-                low = self(image_embeddings.reshape(1, *image_embeddings.shape[-3:]), g)
+                low_res_valid = resized_shape(image.shape[:2], self.sam.spec.low_res_size[0])
+                low = self.predict_low_res(image_embeddings, g, valid=[low_res_valid])
             # h's output lives in the same 256x256 low-res frame as SAM's, so one postprocess serves both.
-            logits = self.sam.postprocess(low, input_size, image.shape[:2])
+            logits = self.sam.postprocess(low.cpu(), input_size, image.shape[:2])
             return logits[0, 0]
         finally:
             self.train(was_training)

@@ -76,12 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainJobConfig, config_hash, load_yaml_config
     from .data.cache import EmbeddingCache
     from .data.io import load_image
-    from .engine import (AutoSamDataset, build_autosam, evaluate_pairs, make_loader, resolve_pairs,
+    from .engine import (AutoSamDataset, build_autosam, evaluate_pairs, lr_schedule, make_loader, resolve_pairs,
                          split_validation, train_epochs, train_surrogate)
+    from .precision import grad_scaler
+    from .sam import load_frozen_sam
 
     cfg = load_yaml_config(args.config, TrainJobConfig)
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
+    if args.epochs is not None:  # through validation, like the YAML's own value
+        cfg = _validated_override(cfg, args.config, ("train", "epochs"), args.epochs)
     base = Path(args.config).resolve().parent
     pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]  # data errors before model build
     for ref in cfg.evaluate:
@@ -89,7 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.output or Path(cfg.output_dir) / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
-    model = build_autosam(cfg.sam, cfg.model, seed=cfg.train.seed)
+    device, precision = _runtime(args, cfg)
+    sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint).to(device).set_precision(precision)
+    model = build_autosam(cfg.sam, cfg.model, sam=sam, seed=cfg.train.seed)
     counts = model.num_trainable_parameters()
     log.info("AutoSAM: SAM %s (%d params, %d trainable), g %s %d params, h %d params", cfg.sam.kind,
              counts["sam_params"], counts["sam_trainable_params"], cfg.model.backbone, counts["g_params"],
@@ -105,12 +109,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache), cfg.train.batch_size,
                          shuffle=True, seed=cfg.train.seed)
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = lr_schedule(opt, cfg.train.epochs * len(loader), cfg.train.schedule, cfg.train.warmup_fraction)
+    scaler = grad_scaler(device, precision)
     meta = {"sam": cfg.sam.model_dump(), "model": cfg.model.model_dump(), "backbone": cfg.model.backbone,
-            "sam_kind": cfg.sam.kind, "config_hash": config_hash(cfg), "name": cfg.name}
-    history, best = [], -1.0
+            "sam_kind": cfg.sam.kind, "sam_weights": sam.weights_id, "precision": precision,
+            "config_hash": config_hash(cfg), "name": cfg.name}
+    history, best, best_row = [], -1.0, None
     t_start = time.perf_counter()
     for epoch in range(1, cfg.train.epochs + 1):
-        stats = train_epochs(model, loader, 1, opt, desc=f"epoch {epoch}/{cfg.train.epochs}")
+        stats = train_epochs(model, loader, 1, opt, desc=f"epoch {epoch}/{cfg.train.epochs}", scheduler=scheduler,
+                             scaler=scaler)
         val = evaluate_pairs(model, val_pairs, cache) if val_pairs else {"dice": float("nan"), "iou": float("nan")}
         row = {"epoch": epoch, "train_loss": stats["loss"], "train_dice": stats["dice"], "val_dice": val["dice"],
                "val_iou": val["iou"], "seconds": stats["seconds"],
@@ -120,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  row["train_dice"], row["val_dice"], row["seconds"], row["seconds_per_step"])
         save_checkpoint(out / "last.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
         if not val_pairs or val["dice"] > best:  # no validation split: the last epoch is the best
-            best = val["dice"] if val_pairs else best
+            best, best_row = (val["dice"] if val_pairs else best), row
             shutil.copyfile(out / "last.pt", out / ".best.pt.tmp")  # same bytes: no second serialisation
             (out / ".best.pt.tmp").replace(out / "best.pt")  # atomic, like save_checkpoint
         _write_json(out / "history.json", history)
@@ -133,12 +141,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                                cfg.train.surrogate_batch_size, shuffle=True, seed=cfg.train.seed)
         h_stats = train_surrogate(model, h_loader, cfg.train.surrogate_epochs, cfg.train.lr, cfg.train.weight_decay)
         log.info("surrogate decoder h: loss %.4f Dice %.3f (%.1f s)", h_stats["loss"], h_stats["dice"], h_stats["seconds"])
-        best_meta = {**meta, **(history[-1] if history else {}), "surrogate": h_stats}
+        best_meta = {**meta, **(best_row or {}), "surrogate": h_stats}  # the best epoch's row, not the last
         save_checkpoint(out / "best.pt", model.trainable_state(), best_meta)
     minutes = (time.perf_counter() - t_start) / 60
     _plot_history(history, out / "training.png")
     summary = {"name": cfg.name, "train_images": len(train_pairs), "val_images": len(val_pairs),
-               "epochs": cfg.train.epochs, "minutes": minutes, "history": history, "checkpoint": str(out / "best.pt")}
+               "epochs": cfg.train.epochs, "device": str(device), "precision": precision,
+               "best_epoch": best_row["epoch"] if best_row else None, "minutes": minutes, "history": history, "checkpoint": str(out / "best.pt")}
     if cfg.evaluate:
         from .engine import model_from_checkpoint
 
@@ -150,6 +159,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\ntrained {len(train_pairs)} images x {cfg.train.epochs} epochs in {minutes:.1f} min; "
           f"checkpoint {out / 'best.pt'}")
     return 0
+
+
+def _validated_override(cfg, path, key: tuple[str, ...], value):
+    """``cfg`` with ``key`` set to ``value`` and the whole config validated again.
+
+    Raises:
+        ConfigError: the new value breaks the key's rule (the message names the key and the value).
+    """
+    from pydantic import ValidationError
+
+    from .config import ConfigError
+
+    raw = cfg.model_dump()
+    node = raw
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    try:
+        return type(cfg).model_validate(raw)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (found {e.get('input')!r})" for e in err.errors())
+        raise ConfigError(f"{path}: command-line override {'.'.join(key)}={value!r} is invalid: {msgs}") from None
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -205,7 +236,8 @@ def _refs_from_args(args) -> list:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import model_from_checkpoint
 
-    model, meta = model_from_checkpoint(args.checkpoint)
+    device, precision = _runtime(args)
+    model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
     refs = _refs_from_args(args)
     results = _evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
     what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
@@ -222,7 +254,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.io import ImageFormatError, load_image
     from .engine import model_from_checkpoint
 
-    model, _ = model_from_checkpoint(args.checkpoint)
+    device, precision = _runtime(args)
+    model, _ = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
     src, dst = Path(args.input), Path(args.output)
     exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
@@ -302,7 +335,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import format_markdown, run_benchmark
     from .engine import model_from_checkpoint
 
-    model, meta = model_from_checkpoint(args.checkpoint)
+    device, precision = _runtime(args)
+    model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
     refs = _refs_from_args(args)
     info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
             "training": meta.get("training", "")}
@@ -367,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--epochs", type=int, help="override train.epochs")
     t.add_argument("--output", help="output folder (default <output_dir>/<name>)")
+    _add_runtime_arguments(t)
     t.set_defaults(func=cmd_train)
 
     for name, func, help_ in (("evaluate", cmd_evaluate, "Dice/IoU per dataset"),
@@ -383,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             e.add_argument("--input", required=True, help="image file or folder")
             e.add_argument("--output", required=True)
+        _add_runtime_arguments(e)
         e.set_defaults(func=func)
 
     b = sub.add_parser("benchmark", help="paper Tables 1-2 rows: AutoSAM, h, SAM with GT point/box/mask prompts")
@@ -392,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="first N images of each split")
     b.add_argument("--output", default="benchmark", help="folder for BENCHMARK.md, benchmark.json, plots")
     b.add_argument("--cache-dir")
+    _add_runtime_arguments(b)
     b.set_defaults(func=cmd_benchmark)
 
     m = sub.add_parser("embed", help="fill the SAM embedding cache for a training YAML")

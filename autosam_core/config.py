@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .sam import SAM_KINDS
 
@@ -41,18 +41,48 @@ class SamConfig(_Strict):
         return v
 
 
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's g (section 3): HarDNet-85 on the image, two decoder blocks, BatchNorm -> tanh.
+    "paper": {"backbone": "hardnet85", "output": "tanh", "fuse_embeddings": False},
+    # Issue 10's recipe (docs/benchmark/ABLATION.md): a conv head on the frozen SAM image_embeddings,
+    # output = SAM's no-mask embedding + gain x tanh(...), then SAM prompted with the box of that mask.
+    "sam_head": {"backbone": "none", "output": "offset", "fuse_embeddings": True, "head_channels": 256,
+                 "refine": "box"},
+}
+
+
 class ModelConfig(_Strict):
     """Prompt generator g (and surrogate decoder h) settings.
 
-    backbone: ``hardnet85`` (paper), ``hardnet68`` or ``timm:<name>``; pretrained: optional local
-    ImageNet weights file for the backbone; g_input_size: side (pixels) of g's square padded input
-    (must be divisible by 32); surrogate: also train h after g.
+    preset: a named recipe (:data:`MODEL_PRESETS`: ``paper``, ``sam_head``) whose values fill every
+    key not given explicitly; the stored (checkpoint) config is always the expanded one.
+    backbone: ``hardnet85`` (paper), ``hardnet68``, ``timm:<name>`` or ``none`` (g reads only SAM's
+    image_embeddings); pretrained: optional local ImageNet weights file for the backbone;
+    g_input_size: side (pixels) of g's square padded input (divisible by 32; unused for ``none``);
+    output: ``tanh`` (paper) or ``offset`` (SAM's no-mask embedding + gain x tanh);
+    fuse_embeddings: g also reads SAM's image_embeddings; head_channels: width of that head;
+    refine: ``none``, ``box`` or ``box_only`` (inference: SAM is prompted again with the bounding box
+    of each connected component of the first mask, plus g's dense prompt (``box``) or SAM's own
+    no-mask embedding (``box_only``); fully automatic, no ground truth);
+    surrogate: also train h after g.
     """
 
+    preset: Literal["paper", "sam_head"] | None = None
     backbone: str = "hardnet85"
     pretrained: str | None = None
     g_input_size: int = Field(256, ge=32)
+    output: Literal["tanh", "offset"] = "tanh"
+    fuse_embeddings: bool = False
+    head_channels: int = Field(256, ge=8)
+    refine: Literal["none", "box", "box_only"] = "none"
     surrogate: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            data = {**MODEL_PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("g_input_size")
     @classmethod
@@ -60,6 +90,12 @@ class ModelConfig(_Strict):
         if v % 32:
             raise ValueError(f"must be divisible by 32 (HarDNet downsamples 32x); use {max(32, round(v / 32) * 32)}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.backbone == "none" and not self.fuse_embeddings:
+            raise ValueError("backbone 'none' reads only SAM's image_embeddings: set fuse_embeddings: true")
+        return self
 
 
 class DataRef(_Strict):
@@ -84,7 +120,11 @@ class DataRef(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Optimisation (paper section 4 'Training details': Adam lr 3e-4, wd 1e-5, batch 10)."""
+    """Optimisation (paper section 4 'Training details': Adam lr 3e-4, wd 1e-5, batch 10).
+
+    schedule: ``constant`` (paper) or ``cosine`` (linear warm-up over ``warmup_fraction`` of the
+    steps, then cosine decay); seed: g's initialisation, the validation hold-out, shuffling.
+    """
 
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(10, ge=1)
@@ -92,6 +132,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     augmentation: Literal["none", "polyp", "glas", "monuseg"] = "polyp"
     use_cache: bool = True
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     surrogate_epochs: int = Field(0, ge=0)
     surrogate_batch_size: int = Field(24, ge=1)
     seed: int = 0

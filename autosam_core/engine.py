@@ -44,10 +44,24 @@ def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | N
     sam = sam or load_frozen_sam(sam_cfg.kind, sam_cfg.checkpoint)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        g = PromptGenerator(backbone=model_cfg.backbone, pretrained_path=model_cfg.pretrained,
-                            embed_dim=sam.spec.embed_dim, embedding_size=sam.spec.embedding_size)
+        g = build_prompt_generator(model_cfg, sam.spec.embed_dim, sam.spec.embedding_size)
         h = SurrogateDecoder(embed_dim=sam.spec.embed_dim) if model_cfg.surrogate else None
-    return AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size)
+    g.set_prompt_base(sam.prompt_encoder.no_mask_embed.weight)
+    model = AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size, refine=model_cfg.refine)
+    return model.to(sam.device)
+
+
+def build_prompt_generator(model_cfg: ModelConfig, embed_dim: int = 256,
+                           embedding_size: tuple[int, int] = (64, 64), pretrained: bool = True) -> PromptGenerator:
+    """g from a :class:`ModelConfig` (the one place that maps config keys to the constructor).
+
+    ``pretrained=False`` ignores ``model_cfg.pretrained`` (e.g. to build a reference signature).
+    The "offset" base (SAM's no-mask embedding) is set by :func:`build_autosam`.
+    """
+    return PromptGenerator(backbone=model_cfg.backbone,
+                           pretrained_path=model_cfg.pretrained if pretrained else None,
+                           embed_dim=embed_dim, embedding_size=embedding_size, output=model_cfg.output,
+                           fuse_embeddings=model_cfg.fuse_embeddings, head_channels=model_cfg.head_channels)
 
 
 # ----- data -------------------------------------------------------------------------------------
@@ -113,7 +127,7 @@ def split_validation(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple
 class AutoSamDataset(Dataset):
     """Training/evaluation samples for AutoSAM.
 
-    Items are dicts with ``g_input`` float32 (3, G, G), ``target`` float32 (1, 256, 256) in {0, 1}
+    Items are dicts with ``g_input`` float32 (3, G, G) (absent when g reads no image), ``target`` float32 (1, 256, 256) in {0, 1}
     (low-res frame, padding = 0), ``valid`` int64 (2,) = (h, w) of the content region in that frame,
     and either ``image_embeddings`` float16 (256, 64, 64) from the cache or ``sam_input`` float32
     (3, S, S) to be encoded by the caller (uncached, paper-exact path).
@@ -135,8 +149,15 @@ class AutoSamDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
-        image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
+        mask = load_mask(pair.mask_path)
         out: dict = {}
+        if self.cache is not None and not self.model.reads_images:
+            # g reads only the cached SAM embeddings: the image itself is never decoded.
+            out["image_embeddings"] = self.cache.get(pair.image_path)
+            target, (h, w) = self.model.low_res_target(mask)
+            out.update(target=target, valid=torch.tensor([h, w]))
+            return out
+        image = load_image(pair.image_path)
         if self.cache is not None:
             out["image_embeddings"] = self.cache.get(pair.image_path)
             if self.augment is not None:
@@ -153,8 +174,12 @@ class AutoSamDataset(Dataset):
 
 def _embeddings(model: AutoSam, batch: dict) -> torch.Tensor:
     if "image_embeddings" in batch:
-        return batch["image_embeddings"]
+        return batch["image_embeddings"].to(model.sam.device)
     return model.sam.encode(batch["sam_input"])
+
+
+def _dense_prompt(model: AutoSam, batch: dict, image_embeddings: torch.Tensor | None) -> torch.Tensor:
+    return model.dense_prompt(image_embeddings, batch.get("g_input"))
 
 
 def masked_loss_and_dice(low_res_logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
@@ -166,27 +191,86 @@ def masked_loss_and_dice(low_res_logits: torch.Tensor, target: torch.Tensor, val
         low_res_logits: (B, 1, 256, 256); target: (B, 1, 256, 256) {0, 1}; valid: (B, 2) (h, w).
     """
     losses, dices = [], []
+    low_res_logits = low_res_logits.float()
+    target = target.to(low_res_logits.device)
     for i, (h, w) in enumerate(valid.tolist()):
         lo, tg = low_res_logits[i:i + 1, :, :h, :w], target[i:i + 1, :, :h, :w]
         losses.append(bce_dice_loss(lo, tg))
-        dices.append(dice_iou((lo > 0)[0, 0].detach().numpy(), tg[0, 0].numpy() > 0.5)[0])
+        dices.append(dice_iou((lo > 0)[0, 0].detach().cpu().numpy(), tg[0, 0].cpu().numpy() > 0.5)[0])
     return torch.stack(losses).mean(), float(np.mean(dices))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, schedule: str = "constant",
+                warmup_fraction: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate multiplier per optimizer step: ``constant`` (paper) or ``cosine`` (linear
+    warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to 0; Loshchilov & Hutter
+    2017, Goyal et al. 2017).
+
+    Raises:
+        ValueError: unknown schedule.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', found {schedule!r}")
+    total = max(int(total_steps), 1)
+    warm = max(int(round(warmup_fraction * total)), 1) if schedule == "cosine" else 0
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_sam_frozen(model: AutoSam, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Raise if a SAM parameter requires grad or is in ``optimizer`` (SAM must never change).
+
+    Raises:
+        RuntimeError: naming the first offending SAM parameter.
+    """
+    sam_params = {id(p): n for n, p in model.sam.named_parameters()}
+    for n, p in model.sam.named_parameters():
+        if p.requires_grad:
+            raise RuntimeError(f"SAM parameter sam.{n} requires grad: the frozen SAM must not be trained "
+                               "(call requires_grad_(False) on it)")
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in sam_params:
+                    raise RuntimeError(f"SAM parameter sam.{sam_params[id(p)]} is in the optimizer: "
+                                       "optimise only model.prompt_generator's parameters")
 
 
 def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer: torch.optim.Optimizer,
                  proximal_mu: float = 0.0, progress: bool = True, desc: str = "train",
-                 recalibrate_bn: bool = True) -> dict:
+                 recalibrate_bn: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> dict:
     """Train g for ``epochs`` epochs with frozen SAM (paper section 3).
+
+    g and SAM's decoder run under autocast in ``model.sam.precision`` (see
+    :mod:`autosam_core.precision`); the loss, master weights and optimizer state stay float32.
 
     Args:
         proximal_mu: FedProx proximal weight mu; adds mu/2 * ||w - w_start||^2 over g's parameters.
         recalibrate_bn: after training, re-estimate g's BatchNorm statistics on the same loader
             (:func:`recalibrate_batchnorm`), so that eval-mode predictions match training.
+        scheduler: optional per-step learning-rate scheduler (:func:`lr_schedule`).
+        scaler: optional gradient scaler (fp16 on CUDA, :func:`autosam_core.precision.grad_scaler`).
 
     Returns:
         {"loss": mean loss of the last epoch, "dice": mean train Dice of the last epoch,
          "num_examples": samples seen per epoch, "seconds": wall time (s), "steps": optimizer steps}.
+
+    Raises:
+        RuntimeError: a SAM parameter requires grad or is in the optimizer (:func:`check_sam_frozen`).
+        FloatingPointError: the loss became non-finite.
     """
+    from .precision import autocast
+
+    check_sam_frozen(model, optimizer)
+    device, precision = model.sam.device, model.sam.precision
     model.train()
     params = [p for p in model.prompt_generator.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
@@ -196,31 +280,40 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
         label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
         bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")
         for batch in bar:
-            b = batch["g_input"].shape[0]
+            b = batch["target"].shape[0]
             if b == 0:
                 continue
             emb = _embeddings(model, batch)
-            low = model(emb, batch["g_input"])
+            with autocast(device, precision):
+                dense = _dense_prompt(model, batch, emb)
+            low = model.sam.decode(emb, dense)
             loss, dice = masked_loss_and_dice(low, batch["target"], batch["valid"])
             total = loss
             if anchor is not None:
                 total = total + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                total.backward()
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             steps += 1
             loss_sum, dice_sum, n = loss_sum + loss.item() * b, dice_sum + dice * b, n + b
             bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{dice:.3f}")
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}")
     if recalibrate_bn and steps:
-        recalibrate_batchnorm(model.prompt_generator, loader)
+        recalibrate_batchnorm(model, loader)
     return {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n,
             "seconds": time.perf_counter() - t0, "steps": steps}
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(module: torch.nn.Module, loader: Iterable[dict], max_batches: int | None = None) -> int:
+def recalibrate_batchnorm(model: AutoSam, loader: Iterable[dict], max_batches: int | None = None) -> int:
     """Re-estimate BatchNorm running statistics of g on training inputs ("precise BN").
 
     After a few optimizer steps BatchNorm's exponential running averages (momentum 0.1, starting
@@ -229,9 +322,16 @@ def recalibrate_batchnorm(module: torch.nn.Module, loader: Iterable[dict], max_b
     recomputed as an exact average over the given batches with the weights fixed; only g's
     forward pass runs (SAM has no BatchNorm).
 
+    Args:
+        model: the AutoSam whose g (``model.prompt_generator``) is recalibrated.
+        loader: batches as :class:`AutoSamDataset` yields them.
+
     Returns:
         number of batches used (0 means nothing changed: no BatchNorm or an empty loader).
     """
+    from .precision import autocast
+
+    module = model.prompt_generator
     bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
@@ -245,9 +345,13 @@ def recalibrate_batchnorm(module: torch.nn.Module, loader: Iterable[dict], max_b
     for batch in loader:
         if max_batches is not None and used >= max_batches:
             break
-        if batch["g_input"].shape[0] < 2:
+        if batch["target"].shape[0] < 2:
             continue
-        module(batch["g_input"])
+        emb = batch["image_embeddings"].to(model.sam.device) if "image_embeddings" in batch else None
+        if emb is None and getattr(module, "fuse_embeddings", False):
+            emb = model.sam.encode(batch["sam_input"])
+        with autocast(model.sam.device, model.sam.precision):
+            _dense_prompt(model, batch, emb)
         used += 1
     for m, (momentum, mean, var, nbt) in zip(bns, saved):
         m.momentum = momentum
@@ -276,7 +380,8 @@ def train_surrogate(model: AutoSam, loader: Iterable[dict], epochs: int, lr: flo
         loss_sum, dice_sum, n = 0.0, 0.0, 0
         for batch in tqdm(loader, desc=f"h epoch {epoch + 1}/{epochs}", leave=False, disable=not progress):
             with torch.no_grad():
-                z = model.prompt_generator(batch["g_input"])
+                emb = _embeddings(model, batch) if getattr(model.prompt_generator, "fuse_embeddings", False) else None
+                z = _dense_prompt(model, batch, emb)
             low = model.surrogate_decoder(z)
             loss, dice = masked_loss_and_dice(low, batch["target"], batch["valid"])
             opt.zero_grad(set_to_none=True)
@@ -297,32 +402,65 @@ class ImageResult:
     stem: str
     dice: float
     iou: float
+    boundary_ratio: float | None = None  # predicted / ground-truth boundary length (None: empty GT)
 
 
 @torch.no_grad()
 def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache | None = None,
-                   surrogate: bool = False, progress: bool = False, desc: str = "eval") -> dict:
+                   surrogate: bool = False, progress: bool = False, desc: str = "eval",
+                   batch_size: int = 8) -> dict:
     """Image-level Dice and IoU (paper section 4 'Evaluation Metrics'), averaged over images.
 
-    Each prediction is postprocessed to the image's original size and thresholded at logits > 0,
-    then compared with the full-resolution ground truth.
+    Images are processed in batches of ``batch_size`` (one batched g and SAM-decoder call each);
+    each prediction is postprocessed to its image's original size and thresholded at logits > 0,
+    then compared with the full-resolution ground truth. ``model.refine`` applies.
 
     Returns:
-        {"dice", "iou" (means in [0, 1]), "num_images", "seconds_per_image", "per_image": [ImageResult]}.
+        {"dice", "iou" (means in [0, 1]), "boundary_ratio" (mean predicted / ground-truth boundary
+        length, :mod:`autosam_core.boundary`), "num_images", "seconds_per_image", "per_image": [ImageResult]}.
     """
+    from .boundary import boundary_ratio
+    from .precision import autocast
+    from .sam import resized_shape
+
     t0 = time.perf_counter()
-    if cache is not None and not surrogate:
+    needs_embeddings = not surrogate or not model.reads_images
+    if cache is not None and needs_embeddings:
         cache.ensure([p.image_path for p in pairs], load_image, progress=progress, desc=f"{desc}: SAM embeddings")
-    results = []
-    for pair in tqdm(pairs, desc=desc, leave=False, disable=not progress, unit="img"):
-        image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
-        emb = cache.get(pair.image_path) if (cache is not None and not surrogate) else None
-        logits = model.predict_logits(image, image_embeddings=emb, surrogate=surrogate)
-        d, j = dice_iou((logits > 0).numpy(), mask > 0)
-        results.append(ImageResult(pair.stem, d, j))
+    was_training = model.training
+    model.eval()
+    sam, results = model.sam, []
+    bar = tqdm(total=len(pairs), desc=desc, leave=False, disable=not progress, unit="img")
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            images = [load_image(p.image_path) for p in chunk]
+            g_in = torch.stack([model.g_input(im) for im in images]) if model.reads_images else None
+            emb = None
+            if needs_embeddings:
+                if cache is not None:
+                    emb = torch.stack([cache.get(p.image_path) for p in chunk]).to(sam.device)
+                else:
+                    emb = sam.encode(torch.stack([sam.preprocess(im)[0] for im in images]))
+            valid = [resized_shape(im.shape[:2], sam.spec.low_res_size[0]) for im in images]
+            with autocast(sam.device, sam.precision):
+                low = (model.surrogate_logits(g_in, emb) if surrogate
+                       else model.predict_low_res(emb, g_in, valid=valid)).float().cpu()
+            for i, (pair, image) in enumerate(zip(chunk, images)):
+                input_size = resized_shape(image.shape[:2], sam.spec.input_size)
+                logits = sam.postprocess(low[i:i + 1], input_size, image.shape[:2])[0, 0]
+                pred, gt = (logits > 0).numpy(), load_mask(pair.mask_path) > 0
+                d, j = dice_iou(pred, gt)
+                results.append(ImageResult(pair.stem, d, j, boundary_ratio(pred, gt)))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
     n = len(results)
+    ratios = [r.boundary_ratio for r in results if r.boundary_ratio is not None]
     return {"dice": float(np.mean([r.dice for r in results])) if n else float("nan"),
             "iou": float(np.mean([r.iou for r in results])) if n else float("nan"),
+            "boundary_ratio": float(np.mean(ratios)) if ratios else float("nan"),
             "num_images": n, "seconds_per_image": (time.perf_counter() - t0) / max(n, 1), "per_image": results}
 
 
@@ -404,8 +542,12 @@ class CentralEvaluator:
         return out
 
 
-def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None) -> tuple[AutoSam, dict]:
+def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None, device: str | torch.device = "cpu",
+                          precision: str = "fp32") -> tuple[AutoSam, dict]:
     """Rebuild AutoSam from a checkpoint's metadata (``sam`` and ``model`` configs) and load g/h.
+
+    ``device``/``precision`` (resolved) apply when ``sam`` is not given; the state is loaded on the CPU
+    and moved with the model (``map_location`` handled here once).
 
     Returns:
         (model in eval mode, metadata).
@@ -422,6 +564,8 @@ def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None) -> tup
     sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
     if sam is not None and sam.spec.kind != sam_cfg.kind:
         raise CheckpointError(f"checkpoint {path} was trained with SAM {sam_cfg.kind}, not {sam.spec.kind}")
+    if sam is None:
+        sam = load_frozen_sam(sam_cfg.kind, sam_cfg.checkpoint).to(device).set_precision(precision)
     model = build_autosam(sam_cfg, model_cfg, sam=sam)
     model.load_trainable_state(payload["trainable_state"])
     model.eval()

@@ -202,45 +202,151 @@ class FrozenSam(nn.Module):
             out = self.image_encoder(images.to(device))
         return out.float()
 
-    def decode(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:
-        """Frozen mask decoder D_s prompted only by a dense prompt (paper Eq. 1, M_z = S(I, Z)).
+    def decode(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+               sparse_prompt_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Frozen mask decoder D_s prompted by a dense prompt (paper Eq. 1, M_z = S(I, Z)), batched.
 
-        Sparse prompts are empty, ``image_pe = prompt_encoder.get_dense_pe()``,
-        ``multimask_output=False``. segment_anything's decoder repeats image embeddings per prompt
-        batch (it is written for one image and many prompts), so each sample i is decoded with
-        image i alone: outputs are batch-invariant and no gradient flows between samples.
+        ``multimask_output=False`` (mask token 0), ``image_pe = prompt_encoder.get_dense_pe()``.
+        segment_anything's ``MaskDecoder.predict_masks`` repeats the image embeddings once per prompt
+        (``repeat_interleave``: B images with B prompts would become B*B pairs), so this runs the
+        same computation with image i paired with prompt i only, in one call: the decoder's two-way
+        transformer, output upscaling and hypernetwork MLP are applied exactly as in SAM (Kirillov
+        et al. 2023, section 3 and appendix A), outputs are batch-invariant and no gradient flows
+        between samples. Runs under autocast in :attr:`precision`; the output is float32.
 
         Args:
-            image_embeddings: (B, 256, 64, 64) float (may be an inference tensor or float16 cache).
+            image_embeddings: (B, 256, 64, 64) float (an inference tensor or the float16 cache is fine).
             dense_prompt_embeddings: (B, 256, 64, 64) float32, may require grad.
+            sparse_prompt_embeddings: optional (B, N, 256) tokens (e.g. a box from
+                ``prompt_encoder``); None = no sparse prompt (AutoSAM).
 
         Returns:
-            low_res_logits float32 (B, 1, 256, 256), unbounded; B may be 0.
+            low_res_logits float32 (B, 1, 256, 256) on SAM's device, unbounded; B may be 0.
+
+        Raises:
+            ValueError: shapes that are not (B, 256, 64, 64) or batch sizes that differ.
         """
+        from .precision import autocast
+
         b = dense_prompt_embeddings.shape[0]
-        expected = (self.spec.embed_dim, *self.spec.embedding_size)
-        if image_embeddings.shape[0] != b or image_embeddings.shape[1:] != expected \
-                or dense_prompt_embeddings.shape[1:] != expected:
+        c = self.spec.embed_dim
+        expected = (c, *self.spec.embedding_size)
+        if image_embeddings.shape[0] != b or tuple(image_embeddings.shape[1:]) != expected \
+                or tuple(dense_prompt_embeddings.shape[1:]) != expected:
             raise ValueError(
                 f"decode expects image_embeddings and dense_prompt_embeddings of shape (B, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}), found {tuple(image_embeddings.shape)} and "
                 f"{tuple(dense_prompt_embeddings.shape)}")
+        if sparse_prompt_embeddings is not None and (sparse_prompt_embeddings.ndim != 3
+                                                     or sparse_prompt_embeddings.shape[0] != b
+                                                     or sparse_prompt_embeddings.shape[2] != c):
+            raise ValueError(f"decode expects sparse_prompt_embeddings of shape ({b}, N, {c}), "
+                             f"found {tuple(sparse_prompt_embeddings.shape)}")
+        device = self.device
         if b == 0:
-            return dense_prompt_embeddings.new_zeros((0, 1, *self.spec.low_res_size))
-        image_embeddings = image_embeddings.to(dense_prompt_embeddings.dtype).clone()
+            return torch.zeros((0, 1, *self.spec.low_res_size), device=device)
+        dense = dense_prompt_embeddings.to(device)
+        # A plain (non-inference) copy: autograd may save it for the backward pass.
+        src = image_embeddings.to(device=device, dtype=torch.float32).clone() + dense
+        dec = self.mask_decoder
+        with autocast(device, self.precision):
+            output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+            tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+            if sparse_prompt_embeddings is not None:
+                tokens = torch.cat([tokens, sparse_prompt_embeddings.to(device, tokens.dtype)], dim=1)
+            image_pe = self.prompt_encoder.get_dense_pe().to(device)
+            pos_src = image_pe.expand(b, -1, -1, -1)
+            hs, src = dec.transformer(src, pos_src, tokens)
+            mask_token_0 = hs[:, 1, :]  # token 0 of the mask tokens: the single-mask output
+            h, w = self.spec.embedding_size
+            upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            hyper = dec.output_hypernetworks_mlps[0](mask_token_0)  # (B, C')
+            bu, cu, hu, wu = upscaled.shape
+            low_res_logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+        return low_res_logits.float()
+
+    def decode_per_sample(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Reference path: segment_anything's own ``MaskDecoder.forward``, one sample at a time.
+
+        Same contract as :meth:`decode` without sparse prompts; used by tests and
+        ``benchmarks/step_time.py`` to check and time the batched path against SAM's code.
+        """
+        b = dense_prompt_embeddings.shape[0]
+        device = self.device
+        image_embeddings = image_embeddings.to(device=device, dtype=torch.float32).clone()
         image_pe = self.prompt_encoder.get_dense_pe()
-        sparse = dense_prompt_embeddings.new_zeros((1, 0, self.spec.embed_dim))
+        sparse = torch.zeros((1, 0, self.spec.embed_dim), device=device)
         outs = []
         for i in range(b):
             low_res_logits, _ = self.mask_decoder(
-                image_embeddings=image_embeddings[i:i + 1],
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense_prompt_embeddings[i:i + 1],
-                multimask_output=False,
-            )
+                image_embeddings=image_embeddings[i:i + 1], image_pe=image_pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense_prompt_embeddings[i:i + 1].to(device), multimask_output=False)
             outs.append(low_res_logits)
-        return torch.cat(outs, dim=0)
+        return torch.cat(outs, dim=0) if outs else torch.zeros((0, 1, *self.spec.low_res_size), device=device)
+
+    def box_embeddings(self, boxes: torch.Tensor) -> torch.Tensor:
+        """SAM's prompt encoder on boxes: (K, 4) x0, y0, x1, y1 in input-frame pixels -> sparse
+        prompt tokens (K, 2, 256) float32 (no gradient; the prompt encoder is frozen)."""
+        with torch.no_grad():
+            sparse, _ = self.prompt_encoder(points=None, boxes=boxes.to(self.device).float(), masks=None)
+        return sparse
+
+    def refine_with_boxes(self, image_embeddings: torch.Tensor, low_res_logits: torch.Tensor,
+                          dense_prompt_embeddings: torch.Tensor, min_fraction: float = 0.1,
+                          valid: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Automatic box refinement: each connected component of the first mask -> its bounding box
+        -> SAM prompted with that box (and the same dense prompt); the union of the component masks
+        (pixel-wise max of logits). No ground truth is used. Images whose first mask is empty keep
+        their first logits.
+
+        A box-prompted SAM is what LiteMedSAM was trained for (MedSAM, Ma et al. 2024): with the
+        ground-truth box it reaches 90 Dice on Kvasir (docs/benchmark/BENCHMARK.md).
+
+        Args:
+            image_embeddings, dense_prompt_embeddings: (B, 256, 64, 64).
+            low_res_logits: (B, 1, 256, 256) of the first pass (:meth:`decode`).
+            min_fraction: components smaller than this fraction of the image's largest component are
+                ignored (speckle), in [0, 1].
+            valid: optional per-image (h, w) content region in the low-res frame; foreground in the
+                padding is ignored.
+
+        Returns:
+            low_res_logits float32 (B, 1, 256, 256).
+        """
+        from scipy import ndimage
+
+        lh, lw = self.spec.low_res_size
+        scale_x, scale_y = self.spec.input_size / lw, self.spec.input_size / lh
+        masks = (low_res_logits[:, 0] > 0).cpu().numpy()
+        owners, boxes = [], []
+        for i, m in enumerate(masks):
+            if valid is not None:
+                h, w = valid[i]
+                m = m.copy()
+                m[h:, :] = False
+                m[:, w:] = False
+            labels, n = ndimage.label(m)
+            if n == 0:
+                continue
+            areas = np.bincount(labels.ravel())[1:]
+            for k in np.flatnonzero(areas >= min_fraction * areas.max()):
+                rows, cols = np.nonzero(labels == k + 1)
+                boxes.append([cols.min() * scale_x, rows.min() * scale_y, (cols.max() + 1) * scale_x,
+                              (rows.max() + 1) * scale_y])
+                owners.append(i)
+        if not boxes:
+            return low_res_logits.float()
+        idx = torch.tensor(owners, device=low_res_logits.device)
+        sparse = self.box_embeddings(torch.tensor(boxes, dtype=torch.float32))
+        refined = self.decode(image_embeddings.index_select(0, idx.to(image_embeddings.device)),
+                              dense_prompt_embeddings.index_select(0, idx.to(dense_prompt_embeddings.device)),
+                              sparse)
+        out = low_res_logits.float().clone()
+        done = torch.zeros(len(out), dtype=torch.bool)
+        for j, i in enumerate(owners):
+            out[i] = refined[j] if not done[i] else torch.maximum(out[i], refined[j])
+            done[i] = True
+        return out
 
     def postprocess(self, low_res_logits: torch.Tensor, input_size: tuple[int, int],
                     original_size: tuple[int, int]) -> torch.Tensor:

@@ -124,7 +124,7 @@ def expected_signature(sam_kind: str, model_config, dp: bool) -> Signature:
     """
     import torch
 
-    from autosam_core.prompt_generator import PromptGenerator
+    from autosam_core.engine import build_prompt_generator
     from autosam_core.sam import SPECS
     from autosam_core.surrogate_decoder import SurrogateDecoder
 
@@ -135,8 +135,7 @@ def expected_signature(sam_kind: str, model_config, dp: bool) -> Signature:
         raise ValueError(f"unknown SAM kind {sam_kind!r}; expected one of {sorted(SPECS)}")
     spec = SPECS[sam_kind]
     with torch.random.fork_rng():
-        g = PromptGenerator(backbone=model_config.backbone, pretrained_path=None, embed_dim=spec.embed_dim,
-                            embedding_size=spec.embedding_size)
+        g = build_prompt_generator(model_config, spec.embed_dim, spec.embedding_size, pretrained=False)
         h = SurrogateDecoder(embed_dim=spec.embed_dim) if model_config.surrogate else None
     if dp:
         from autosam_core.privacy import make_private_compatible

@@ -1,0 +1,156 @@
+"""Issue 9/10 building blocks: batched decoder vs SAM's own code, g options, box refinement,
+boundary length, precision/device resolution, learning-rate schedule, presets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from autosam_core.boundary import boundary_length, boundary_ratio
+from autosam_core.config import ModelConfig, SamConfig
+from autosam_core.engine import build_autosam, lr_schedule
+from autosam_core.precision import cpu_has_fast_bf16, resolve_device, resolve_precision
+from autosam_core.prompt_generator import PromptGenerator
+
+
+def test_batched_decoder_equals_segment_anything_loop(tiny_sam):
+    torch.manual_seed(1)
+    emb = tiny_sam.encode(torch.randn(3, 3, 256, 256))
+    dense = torch.randn(3, 256, 64, 64) * 0.3
+    batched = tiny_sam.decode(emb, dense)
+    loop = tiny_sam.decode_per_sample(emb, dense)  # segment_anything's MaskDecoder.forward per sample
+    assert batched.shape == (3, 1, 256, 256) and batched.dtype == torch.float32
+    assert (batched - loop).abs().max().item() < 1e-5
+
+
+def test_decoder_with_box_tokens_matches_sams_prompt_path(tiny_sam):
+    torch.manual_seed(2)
+    emb = tiny_sam.encode(torch.randn(1, 3, 256, 256))
+    box = torch.tensor([[20.0, 30.0, 120.0, 160.0]])
+    no_mask = tiny_sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, 64, 64)
+    ours = tiny_sam.decode(emb, no_mask, tiny_sam.box_embeddings(box))
+    sams = tiny_sam.prompt_decode(emb, boxes=box)  # prompt encoder + MaskDecoder.forward
+    assert (ours - sams).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match=r"sparse_prompt_embeddings of shape \(1, N, 256\)"):
+        tiny_sam.decode(emb, no_mask, torch.zeros(2, 2, 256))
+
+
+def test_box_refinement_prompts_one_box_per_component(tiny_sam, monkeypatch):
+    torch.manual_seed(3)
+    emb = tiny_sam.encode(torch.randn(2, 3, 256, 256))
+    dense = torch.zeros(2, 256, 64, 64)
+    first = torch.full((2, 1, 256, 256), -5.0)
+    first[0, 0, 10:20, 30:60] = 5.0     # component 1: rows 10-19, cols 30-59
+    first[0, 0, 100:140, 100:150] = 5.0  # component 2
+    first[0, 0, 200, 200] = 5.0          # speckle: 1 pixel < 10% of the largest component, ignored
+    seen = {}
+    real_decode = tiny_sam.decode
+
+    def spy(image_embeddings, dense_prompt_embeddings, sparse_prompt_embeddings=None):
+        if sparse_prompt_embeddings is not None:
+            seen["n"] = sparse_prompt_embeddings.shape[0]
+        return real_decode(image_embeddings, dense_prompt_embeddings, sparse_prompt_embeddings)
+
+    boxes = {}
+    real_boxes = tiny_sam.box_embeddings
+
+    def box_spy(b):
+        boxes["b"] = b
+        return real_boxes(b)
+
+    monkeypatch.setattr(tiny_sam, "decode", spy)
+    monkeypatch.setattr(tiny_sam, "box_embeddings", box_spy)
+    out = tiny_sam.refine_with_boxes(emb, first, dense)
+    assert seen["n"] == 2  # two boxes, both of image 0; image 1 (empty first mask) has none
+    assert boxes["b"].tolist() == [[30.0, 10.0, 60.0, 20.0], [100.0, 100.0, 150.0, 140.0]]  # x0, y0, x1, y1
+    assert torch.equal(out[1], first[1])  # empty first mask: unchanged
+    single = real_decode(emb[:1], dense[:1], real_boxes(torch.tensor([[30.0, 10.0, 60.0, 20.0]])))
+    other = real_decode(emb[:1], dense[:1], real_boxes(torch.tensor([[100.0, 100.0, 150.0, 140.0]])))
+    assert torch.allclose(out[0], torch.maximum(single[0], other[0]), atol=1e-5)  # union = max of logits
+
+
+def test_sam_head_prompt_generator_starts_at_sams_no_mask_state(tiny_sam):
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16), sam=tiny_sam)
+    g = model.prompt_generator
+    assert not model.reads_images and model.refine == "box"
+    assert sum(p.numel() for p in g.parameters()) == (256 * 16 * 9 + 16 * 16 * 9 * 2 + 3 * 2 * 16
+                                                      + 16 * 256 + 256 + 256)
+    emb = torch.randn(2, 256, 64, 64) * 0.1
+    g.eval()
+    z = model.dense_prompt(emb, None)
+    base = tiny_sam.prompt_encoder.no_mask_embed.weight.reshape(1, 256, 1, 1)
+    assert z.shape == (2, 256, 64, 64)
+    assert (z - base).abs().max().item() <= 0.1 + 1e-6  # gain 0.1 x tanh: within 0.1 of SAM's own prompt
+    assert "prompt_generator.prompt_base" not in model.trainable_state()  # comes from SAM, never travels
+    z.sum().backward()
+    assert g.gain.weight.grad is not None and g.fusion[0].weight.grad.abs().sum() > 0
+
+
+def test_prompt_generator_option_errors():
+    with pytest.raises(ValueError, match="fuse_embeddings"):
+        PromptGenerator("none")
+    with pytest.raises(ValueError, match="output must be"):
+        PromptGenerator("hardnet68", output="sigmoid")
+    g = PromptGenerator("none", fuse_embeddings=True, head_channels=8)
+    with pytest.raises(ValueError, match=r"image_embeddings of shape \(B, 256, 64, 64\), got \(1, 256, 32, 32\)"):
+        g(None, torch.zeros(1, 256, 32, 32))
+    with pytest.raises(Exception, match="fuse_embeddings: true"):
+        ModelConfig(backbone="none")
+
+
+def test_presets_expand_and_explicit_keys_win():
+    paper = ModelConfig(preset="paper")
+    assert (paper.backbone, paper.output, paper.fuse_embeddings, paper.refine) == ("hardnet85", "tanh", False, "none")
+    head = ModelConfig(preset="sam_head", head_channels=64, refine="none")
+    assert (head.backbone, head.output, head.head_channels, head.refine) == ("none", "offset", 64, "none")
+    assert ModelConfig(**head.model_dump()) == head  # a checkpoint's stored config rebuilds the same model
+
+
+def test_boundary_length_by_hand():
+    m = np.zeros((6, 6), bool)
+    m[1:4, 1:4] = True  # 3x3 square: 8 border pixels, 1 interior
+    assert boundary_length(m) == 8
+    full = np.ones((4, 5), bool)  # touching the image edge counts as boundary
+    assert boundary_length(full) == 2 * 5 + 2 * 2
+    speckle = np.zeros((6, 6), bool)
+    speckle[::2, ::2] = True  # 9 isolated pixels: every one is boundary
+    assert boundary_ratio(speckle, m) == 9 / 8
+    assert boundary_ratio(m, np.zeros((6, 6), bool)) is None
+    assert boundary_ratio(np.zeros((6, 6), bool), m) == 0.0
+
+
+def test_precision_and_device_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int8", cpu)
+    assert resolve_device("cpu") == cpu
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            resolve_device("cuda:0")
+
+
+def test_cosine_schedule_by_hand():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = lr_schedule(opt, total_steps=20, schedule="cosine", warmup_fraction=0.1)  # 2 warm-up steps
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 18)))
+    assert lrs[-1] < 0.01
+    const = lr_schedule(torch.optim.SGD([p], lr=0.3), 5, "constant")
+    assert const.get_last_lr() == [0.3]
