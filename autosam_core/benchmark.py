@@ -30,7 +30,9 @@ from .autosam import AutoSam
 from .config import DataRef
 from .data.cache import EmbeddingCache
 from .data.io import load_image, load_mask
+from .boundary import boundary_ratio
 from .metrics import dice_iou
+from .precision import autocast
 from .sam import resized_shape
 
 log = logging.getLogger(__name__)
@@ -90,26 +92,31 @@ def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_e
         image: uint8 (H, W, 3); mask: (H, W) {0, 1}; image_embeddings: (256, 64, 64).
 
     Returns:
-        {method: (dice, iou, seconds, predicted mask bool (H, W))}; methods that cannot run on
-        this image (no h, empty GT for point/box) are absent.
+        {method: (dice, iou, seconds, predicted mask bool (H, W), boundary ratio or None)}; methods
+        that cannot run on this image (no h, empty GT for point/box) are absent.
     """
     sam = model.sam
     H, W = mask.shape
     input_size = resized_shape((H, W), sam.spec.input_size)
     sx, sy = input_size[1] / W, input_size[0] / H
     emb = image_embeddings.reshape(1, *image_embeddings.shape[-3:]).float()
-    g_in = model.g_input(image)[None]
+    g_in = model.g_input(image)[None] if model.reads_images else None
     out = {}
 
     def finish(name, low, t0):
-        pred = (sam.postprocess(low, input_size, (H, W))[0, 0] > 0).numpy()
+        pred = (sam.postprocess(low.float().cpu(), input_size, (H, W))[0, 0] > 0).numpy()
         d, j = dice_iou(pred, mask > 0)
-        out[name] = (d, j, time.perf_counter() - t0, pred)
+        out[name] = (d, j, time.perf_counter() - t0, pred, boundary_ratio(pred, mask > 0))
 
     t0 = time.perf_counter()
-    dense = model.prompt_generator(g_in)  # g(I) once, shared by SAM(g(I)) and h(g(I))
+    emb = emb.to(sam.device)
+    with autocast(sam.device, sam.precision):
+        dense = model.dense_prompt(emb, g_in)  # g(I) once, shared by SAM(g(I)) and h(g(I))
     t_g = time.perf_counter() - t0
     auto_low = sam.decode(emb, dense)
+    if model.refine != "none":  # the model's own automatic refinement (no ground truth)
+        with autocast(sam.device, sam.precision):
+            auto_low = model.predict_low_res(emb, g_in, valid=[resized_shape((H, W), sam.spec.low_res_size[0])])
     if "autosam" in methods:
         finish("autosam", auto_low, t0)
     if "surrogate" in methods and model.surrogate_decoder is not None:
@@ -164,8 +171,8 @@ def run_benchmark(model: AutoSam, refs: list[DataRef], out_dir: str | Path, meth
             sizes.add(f"{image.shape[1]}x{image.shape[0]}")
             skipped_empty += int(not mask.any())
             r = benchmark_image(model, image, mask, cache.get(pair.image_path), methods)
-            for name, (d, j, s, _) in r.items():
-                per[name].append((d, j, s))
+            for name, (d, j, s, _, br) in r.items():
+                per[name].append((d, j, s, br))
             if k < examples:
                 shown.append((pair.stem, image, mask, {n: v[3] for n, v in r.items()}))
         ds = {"num_images": len(pairs), "input_sizes": sorted(sizes), "empty_ground_truth": skipped_empty,
@@ -176,6 +183,8 @@ def run_benchmark(model: AutoSam, refs: list[DataRef], out_dir: str | Path, meth
                 "dice": float(np.mean([v[0] for v in vals])) if vals else None,
                 "iou": float(np.mean([v[1] for v in vals])) if vals else None,
                 "seconds_per_image": float(np.mean([v[2] for v in vals])) if vals else None,
+                "boundary_ratio": (float(np.mean([v[3] for v in vals if v[3] is not None]))
+                                   if any(v[3] is not None for v in vals) else None),
                 "num_images": len(vals)}
         results["datasets"][ref.label] = ds
         _plot_examples(ref.label, shown, out_dir / f"examples_{_slug(ref.label)}.png")
@@ -202,10 +211,13 @@ def format_markdown(results: dict) -> str:
     """BENCHMARK.md text: one table per dataset, ours beside the paper's, plus the setup."""
     meta = results.get("meta", {})
     lines = ["# AutoSAM-FL benchmark", "",
-             f"Ours: SAM `{meta.get('sam_kind', '?')}`, g backbone `{meta.get('backbone', '?')}`, "
+             f"Ours: SAM `{meta.get('sam_kind', '?')}`, g `{meta.get('preset') or meta.get('backbone', '?')}`"
+             f"{' (refine: ' + meta['refine'] + ')' if meta.get('refine', 'none') != 'none' else ''}, "
              f"checkpoint `{meta.get('checkpoint', '?')}`. {meta.get('training', '')}".strip(),
              f"Paper: {PAPER_BACKBONE}. Paper numbers are the published ones, not re-measured.", "",
-             "Dice and IoU in %, per image at the original size (logits > 0), averaged over images.", ""]
+             "Dice and IoU in %, per image at the original size (logits > 0), averaged over images.",
+             "Boundary ratio: mean over images of the predicted mask's boundary length (perimeter pixels)",
+             "divided by the ground truth's (about 1 = as smooth as the annotation; speckle gives >> 1).", ""]
     if meta.get("sam_kind") == "lite_medsam":
         lines += ["Note: LiteMedSAM (MedSAM-Lite) was trained with box prompts only. Its point and mask prompt",
                   "pathways are effectively untrained (measured: a ground-truth mask prompt gives all-negative",
@@ -216,14 +228,15 @@ def format_markdown(results: dict) -> str:
         lines += [f"## {label}", "",
                   f"{ds['num_images']} images; sizes (WxH): {', '.join(ds['input_sizes'][:6])}"
                   f"{' ...' if len(ds['input_sizes']) > 6 else ''}; empty ground truth: {ds['empty_ground_truth']}",
-                  "", "| method | Dice (ours) | IoU (ours) | s/image | Dice (paper) | IoU (paper) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "", "| method | Dice (ours) | IoU (ours) | boundary ratio | s/image | Dice (paper) | IoU (paper) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for name, title in METHODS.items():
             m = ds["methods"].get(name)
             if m is None:
                 continue
-            ours = (f"{100 * m['dice']:.1f} | {100 * m['iou']:.1f} | {m['seconds_per_image']:.3f}"
-                    if m["dice"] is not None else "n/a | n/a | n/a")
+            br = m.get("boundary_ratio")
+            ours = (f"{100 * m['dice']:.1f} | {100 * m['iou']:.1f} | {'-' if br is None else f'{br:.2f}'} | "
+                    f"{m['seconds_per_image']:.3f}" if m["dice"] is not None else "n/a | n/a | n/a | n/a")
             p = paper.get(name)
             pub = f"{p[0]:.1f} | {p[1]:.1f}" if p else "- | -"
             lines.append(f"| {title} | {ours} | {pub} |")

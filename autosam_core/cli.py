@@ -307,15 +307,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import ModelConfig, SamConfig
     from .engine import build_autosam
 
-    model = build_autosam(SamConfig(kind=args.sam, checkpoint=args.sam_checkpoint),
-                          ModelConfig(backbone=args.backbone, surrogate=True, g_input_size=args.g_input_size))
+    keys = {"preset": args.preset, "surrogate": True, "g_input_size": args.g_input_size}
+    if args.backbone:
+        keys["backbone"] = args.backbone
+    model_cfg = ModelConfig(**keys)
+    model = build_autosam(SamConfig(kind=args.sam, checkpoint=args.sam_checkpoint), model_cfg)
     info = model.num_trainable_parameters()
     with torch.no_grad():
         model.eval()
-        dense = model.prompt_generator(torch.zeros(1, 3, args.g_input_size, args.g_input_size))
+        g_in = torch.zeros(1, 3, args.g_input_size, args.g_input_size) if model.reads_images else None
+        dense = model.dense_prompt(torch.zeros(1, 256, *model.sam.spec.embedding_size), g_in)
     info.update({
+        "preset": model_cfg.preset,
+        "model": model_cfg.model_dump(),
         "sam_backbone": args.sam,
-        "g_backbone": args.backbone,
+        "g_backbone": model_cfg.backbone,
         "g_input_size": args.g_input_size,
         "sam_input_size": model.sam.spec.input_size,
         "dense_prompt_shape": ["B", *dense.shape[1:]],
@@ -339,6 +345,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
     refs = _refs_from_args(args)
     info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
+            "preset": (meta.get("model") or {}).get("preset"), "refine": model.refine,
             "training": meta.get("training", "")}
     results = run_benchmark(model, refs, args.output, cache_dir=args.cache_dir, meta=info)
     print(format_markdown(results))
@@ -440,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--sam", default="lite_medsam")
     i.add_argument("--sam-checkpoint")
-    i.add_argument("--backbone", default="hardnet85")
+    i.add_argument("--preset", choices=("paper", "sam_head"), default="paper")
+    i.add_argument("--backbone", help="override the preset's g backbone (hardnet85, hardnet68, timm:<name>)")
     i.add_argument("--g-input-size", type=int, default=256)
     i.set_defaults(func=cmd_info)
 

@@ -486,7 +486,13 @@ class SiteTrainer:
 
     def __init__(self, model: AutoSam, site: SiteConfig, cache_dir: Path | None = None,
                  base_dir: Path | None = None, progress: bool = True):
-        self.model, self.site, self.progress = model, site, progress
+        from .precision import resolve_device, resolve_precision
+
+        self.device = resolve_device(site.device)
+        self.precision = resolve_precision(site.precision, self.device)
+        model.sam.set_precision(self.precision)
+        self.model, self.site, self.progress = model.to(self.device), site, progress
+        log.info("site %s: device %s, precision %s", site.site_id, self.device, self.precision)
         pairs = resolve_pairs(site.data, base_dir)
         self.train_pairs, self.val_pairs = split_validation(pairs, site.val_fraction, seed=0)
         root = Path(site.cache_dir) if site.cache_dir else cache_dir
@@ -520,14 +526,21 @@ class CentralEvaluator:
     """Server-side evaluation of the global model on public benchmark splits.
 
     Args:
-        model: AutoSam holding the global trainable state.
+        model: AutoSam holding the global trainable state (moved to ``device``).
         refs: benchmark splits (:class:`DataRef`).
         cache_dir: embedding cache root.
+        device, precision: as in :mod:`autosam_core.precision` (``auto``: CUDA if present; bf16 where
+            fast), so the server's cache keys match the sites' when both use ``auto``.
     """
 
     def __init__(self, model: AutoSam, refs: Sequence[DataRef], cache_dir: Path | None = None,
-                 base_dir: Path | None = None, progress: bool = False):
-        self.model, self.progress = model, progress
+                 base_dir: Path | None = None, progress: bool = False, device: str = "auto",
+                 precision: str = "auto"):
+        from .precision import resolve_device, resolve_precision
+
+        dev = resolve_device(device)
+        model.sam.set_precision(resolve_precision(precision, dev))
+        self.model, self.progress = model.to(dev), progress
         self.benchmarks = {r.label: resolve_pairs(r, base_dir) for r in refs}
         self.cache = EmbeddingCache(model.sam, cache_dir)
 

@@ -1,16 +1,29 @@
-"""Seconds per training step with and without the SAM embedding cache (issue 2 measurement).
+"""Seconds per training step, encoder and decoder cost, by precision, in one process (issue 9).
 
-    .venv/bin/python benchmarks/step_time.py [--steps 3] [--batch-size 10]
+    .venv/bin/python benchmarks/step_time.py [--steps 3] [--batch-size 10] [--preset paper] [--device auto]
 
-Trains g (HarDNet-85) on the first Kvasir-SEG pranet_train images with the frozen LiteMedSAM, once
-reading cached image_embeddings and once re-encoding every batch (the paper-exact path), and prints
-the median wall seconds per optimizer step of each (the first step of each is a warm-up).
+Prints JSON with stable keys:
+
+- ``fp32_seconds_per_step``, ``bf16_seconds_per_step``, ``speedup_bf16``: one cached training step
+  of g (``--preset``, default ``paper`` = HarDNet-85) + the frozen SAM decoder + loss + Adam, median
+  over ``--steps`` after one warm-up step; on CUDA the half-precision row is bf16 where supported;
+- ``uncached_seconds_per_step``: the same step re-encoding every batch (paper-exact path), in the
+  faster precision;
+- ``encoder_seconds_per_image_fp32`` / ``_bf16``: the frozen image encoder (inference);
+- ``decoder_batched_seconds_per_image``, ``decoder_loop_seconds_per_image``, ``speedup_batched_decoder``:
+  the mask decoder forward + backward, batched vs segment_anything's per-sample loop (fp32);
+- ``peak_rss_megabytes`` (this process, ``resource.getrusage``), ``device``, ``threads``, ``preset``.
+
+On a GPU machine: ``--device cuda --sam lite_medsam`` times LiteMedSAM; ``--sam vit_h_random``
+builds segment-anything's ViT-H image encoder with random weights (same shapes and cost as the real
+one, nothing downloaded) so encoder timings at 1024x1024 need no checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -19,42 +32,111 @@ import torch
 from autosam_core.config import DataRef, ModelConfig, SamConfig
 from autosam_core.data.cache import EmbeddingCache
 from autosam_core.data.io import load_image
-from autosam_core.engine import AutoSamDataset, build_autosam, make_loader, masked_loss_and_dice, resolve_pairs
+from autosam_core.engine import (AutoSamDataset, build_autosam, make_loader, masked_loss_and_dice, resolve_pairs)
+from autosam_core.precision import autocast, resolve_device
+from autosam_core.sam import SPECS, FrozenSam, load_frozen_sam
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_steps(model, loader, steps: int) -> list[float]:
+    """Wall seconds of ``steps`` training steps (after one warm-up step) in ``model.sam.precision``."""
+    sam = model.sam
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=3e-4, weight_decay=1e-5)
     model.train()
-    times, it = [], iter(loader)
-    for _ in range(steps + 1):
+    times = []
+    batches = list(loader)
+    for i in range(steps + 1):
+        batch = batches[i % len(batches)]
+        _sync(sam.device)
         t0 = time.perf_counter()
-        batch = next(it)
-        emb = batch["image_embeddings"] if "image_embeddings" in batch else model.sam.encode(batch["sam_input"])
-        loss, _ = masked_loss_and_dice(model(emb, batch["g_input"]), batch["target"], batch["valid"])
+        emb = (batch["image_embeddings"].to(sam.device) if "image_embeddings" in batch
+               else sam.encode(batch["sam_input"]))
+        with autocast(sam.device, sam.precision):
+            dense = model.dense_prompt(emb, batch.get("g_input"))
+        loss, _ = masked_loss_and_dice(sam.decode(emb, dense), batch["target"], batch["valid"])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(sam.device)
         times.append(time.perf_counter() - t0)
     return times[1:]
 
 
+def time_encoder(sam, images: torch.Tensor, precision: str) -> float:
+    """Seconds per image of the frozen encoder in ``precision`` (after a warm-up call)."""
+    sam.set_precision(precision)
+    sam.encode(images[:1])
+    _sync(sam.device)
+    t0 = time.perf_counter()
+    sam.encode(images)
+    _sync(sam.device)
+    return (time.perf_counter() - t0) / len(images)
+
+
+def time_decoder(sam, emb: torch.Tensor, per_sample: bool) -> float:
+    """Seconds per image of the mask decoder forward + backward (fp32), batched or SAM's loop."""
+    sam.set_precision("fp32")
+    fn = sam.decode_per_sample if per_sample else sam.decode
+    best = float("inf")
+    for _ in range(3):
+        dense = (torch.randn_like(emb) * 0.05).requires_grad_()
+        _sync(sam.device)
+        t0 = time.perf_counter()
+        fn(emb, dense).sum().backward()
+        _sync(sam.device)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(emb)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--preset", default="paper", choices=("paper", "sam_head"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--sam", default="lite_medsam", choices=("lite_medsam", "vit_h_random"))
     args = ap.parse_args()
+    device = resolve_device(args.device)
+    half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     n = args.batch_size * (args.steps + 1)
-    model = build_autosam(SamConfig(), ModelConfig(backbone="hardnet85"))
+    sam = load_frozen_sam("lite_medsam").to(device)
+    model = build_autosam(SamConfig(), ModelConfig(preset=args.preset), sam=sam)
     pairs = resolve_pairs(DataRef(dataset="Kvasir-SEG", split="pranet_train", limit=n))
-    cache = EmbeddingCache(model.sam)
-    fill = cache.ensure([p.image_path for p in pairs], load_image)
-    out = {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "cache_fill": fill}
-    for name, c in (("cached", cache), ("uncached", None)):
-        loader = make_loader(AutoSamDataset(model, pairs, "polyp", c), args.batch_size, shuffle=False)
-        t = time_steps(model, loader, args.steps)
-        out[f"{name}_seconds_per_step"] = statistics.median(t)
-        out[f"{name}_all_steps"] = t
-    out["speedup"] = out["uncached_seconds_per_step"] / out["cached_seconds_per_step"]
+    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                 "preset": args.preset, "sam": args.sam}
+    for precision in ("fp32", half):
+        sam.set_precision(precision)
+        cache = EmbeddingCache(sam)
+        cache.ensure([p.image_path for p in pairs], load_image, progress=False)
+        loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
+        out[f"{precision}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
+    out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
+    sam.set_precision(half)
+    loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
+                         shuffle=False)
+    out["uncached_seconds_per_step"] = statistics.median(time_steps(model, loader, 1))
+    enc_sam = sam
+    if args.sam == "vit_h_random":
+        from segment_anything import sam_model_registry
+
+        vit = sam_model_registry["vit_h"](checkpoint=None)  # random weights, real shapes
+        enc_sam = FrozenSam(SPECS["vit_h"], vit.image_encoder, vit.prompt_encoder, vit.mask_decoder,
+                            weights_id="random").to(device)
+    s = enc_sam.spec.input_size
+    images = torch.randn(4, 3, s, s)
+    for precision in ("fp32", half):
+        out[f"encoder_seconds_per_image_{precision}"] = time_encoder(enc_sam, images, precision)
+    emb = (torch.randn(args.batch_size, 256, 64, 64) * 0.1).to(device)
+    out["decoder_batched_seconds_per_image"] = time_decoder(sam, emb, per_sample=False)
+    out["decoder_loop_seconds_per_image"] = time_decoder(sam, emb, per_sample=True)
+    out["speedup_batched_decoder"] = out["decoder_loop_seconds_per_image"] / out["decoder_batched_seconds_per_image"]
+    out["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        out["peak_cuda_megabytes"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(out, indent=2))
 
 

@@ -37,7 +37,7 @@ def test_training_on_kvasir_lowers_the_loss(lite_sam, shared_data):
         losses.append(loss.item())
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.6 * losses[0], losses
-    recalibrate_batchnorm(model.prompt_generator, [batch])
+    recalibrate_batchnorm(model, [batch])
     result = evaluate_pairs(model, pairs, cache)
     assert result["num_images"] == 4 and 0.0 < result["dice"] <= 1.0
     assert all(0 <= r.iou <= r.dice <= 1 for r in result["per_image"])
