@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--g-input-size", type=int, default=256)
     i.set_defaults(func=cmd_info)
 
-    from .video_metrics import add_metrics_arguments, cmd_metrics
+    from .metrics.cli import add_metrics_arguments, cmd_metrics
 
     v = sub.add_parser("metrics", help="SUN-SEG image/video metrics of prediction maps against ground truth")
     add_metrics_arguments(v)

@@ -507,12 +507,16 @@ class SiteTrainer:
         """Number of training samples at this site."""
         return len(self.train_pairs)
 
-    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
-        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`."""
+    def ensure_embeddings(self) -> None:
+        """Fill the embedding cache for the training images, once per trainer (every ``fit`` calls it)."""
         if not self._filled:
             self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
                               desc=f"{self.site.site_id}: SAM embeddings")
             self._filled = True
+
+    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
+        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`."""
+        self.ensure_embeddings()
         opt = torch.optim.Adam(self.model.prompt_generator.parameters(), lr=self.site.lr,
                                weight_decay=self.site.weight_decay)
         loader = make_loader(self.dataset, self.site.batch_size, shuffle=True, seed=seed)

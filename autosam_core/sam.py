@@ -380,10 +380,6 @@ class FrozenSam(nn.Module):
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
         return low_res_logits
 
-    def num_parameters(self) -> int:
-        """Total parameter count of the three SAM modules."""
-        return sum(p.numel() for p in self.parameters())
-
 
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()

@@ -120,8 +120,3 @@ def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: Sequen
             avg = np.rint(avg)
         out[key] = np.asarray(avg).astype(first.dtype, copy=False).reshape(first.shape)
     return out
-
-
-def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
-    """Raw size of a state in bytes (sum of ``ndarray.nbytes``)."""
-    return int(sum(np.asarray(v).nbytes for v in state.values()))

@@ -1,8 +1,7 @@
-"""Tests for autosam_core.data.dataset (pairing by stem, splits, dataset; docs/DESIGN.md section 6)."""
+"""Tests for autosam_core.data.dataset (pairing by stem, splits; docs/DESIGN.md section 6)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,8 @@ import pytest
 from PIL import Image
 
 import autosam_core
-from autosam_core.data import (
-    EmptyDatasetError,
+from autosam_core.data import (load_image, load_mask,
     Pair,
-    SegmentationDataset,
     SplitNotFoundError,
     data_root,
     pair_by_stem,
@@ -67,36 +64,24 @@ def test_pair_by_stem_reports_every_skip(messy_dataset: Path):
     assert "1 size mismatch" in summary and "517" in summary and "516" in summary
 
 
-def test_dataset_never_pads_and_logs_summary(messy_dataset: Path, caplog):
-    with caplog.at_level(logging.WARNING, logger="autosam_core.data.dataset"):
-        ds = SegmentationDataset(messy_dataset)
-
-    assert len(ds) == 1 and ds.stems == ["b"]
-    assert ds.report.size_mismatch[0][0] == "a"
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    text = warnings[0].getMessage()
-    assert "size mismatch" in text and "517" in text and "516" in text and "missing mask" in text
-
-    item = ds[0]
-    assert set(item) == {"stem", "image", "mask"}
-    assert item["stem"] == "b"
-    assert item["image"].dtype == np.uint8 and item["image"].shape == (40, 60, 3)
-    assert item["mask"].dtype == np.uint8 and item["mask"].shape == (40, 60)
-    assert set(np.unique(item["mask"])) == {0, 1}
-    with pytest.raises(IndexError):
-        ds[1]
+def test_pairing_never_pads_and_pairs_load_as_uint8(messy_dataset: Path):
+    report = pair_by_stem(messy_dataset / "images", messy_dataset / "masks")
+    assert [p.stem for p in report.pairs] == ["b"]
+    assert report.size_mismatch[0][0] == "a"  # 517 vs 516 rows: rejected, never padded
+    pair = report.pairs[0]
+    image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
+    assert image.dtype == np.uint8 and image.shape == (40, 60, 3)
+    assert mask.dtype == np.uint8 and mask.shape == (40, 60)
+    assert set(np.unique(mask)) == {0, 1}
 
 
-def test_clean_dataset_logs_no_warning(tmp_path: Path, caplog):
+def test_clean_dataset_pairs_in_natural_order(tmp_path: Path):
     for stem in ("x1", "x2", "x10"):
         _save_rgb(tmp_path / "ok" / "images" / f"{stem}.jpg", 16, 20)
         _save_mask(tmp_path / "ok" / "masks" / f"{stem}.png", 16, 20)
-    with caplog.at_level(logging.WARNING, logger="autosam_core.data.dataset"):
-        ds = SegmentationDataset(tmp_path / "ok")
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert ds.stems == ["x1", "x2", "x10"]  # natural order
-    assert ds.report.summary() == "3 pairs used, 0 skipped"
+    report = pair_by_stem(tmp_path / "ok" / "images", tmp_path / "ok" / "masks")
+    assert [p.stem for p in report.pairs] == ["x1", "x2", "x10"]  # natural order
+    assert report.summary() == "3 pairs used, 0 skipped"
 
 
 def test_split_selection_and_missing_from_split(messy_dataset: Path):
@@ -108,12 +93,13 @@ def test_split_selection_and_missing_from_split(messy_dataset: Path):
     assert read_split(messy_dataset, "train") == ["c", "b", "e"]
     assert read_split(messy_dataset, "test.txt") == ["b"]
 
-    ds = SegmentationDataset(messy_dataset, split="train")
-    assert ds.stems == ["b"]
-    assert ds.report.missing_masks == ["c"]
-    assert ds.report.missing_from_split == ["e"]
-    assert ds.report.orphan_masks == []  # d is outside the split
-    assert "1 missing from split (e)" in ds.report.summary()
+    report = pair_by_stem(messy_dataset / "images", messy_dataset / "masks",
+                          stems=read_split(messy_dataset, "train"))
+    assert [p.stem for p in report.pairs] == ["b"]
+    assert report.missing_masks == ["c"]
+    assert report.missing_from_split == ["e"]
+    assert report.orphan_masks == []  # d is outside the split
+    assert "1 missing from split (e)" in report.summary()
 
 
 def test_read_split_errors(messy_dataset: Path):
@@ -153,41 +139,13 @@ def test_mask_extension_preference_and_ambiguous_images(tmp_path: Path):
     assert "ambiguous" in report.summary()
 
 
-def test_empty_dataset_and_argument_errors(tmp_path: Path):
+def test_missing_masks_folder_is_an_error(tmp_path: Path):
     root = tmp_path / "empty"
     _save_rgb(root / "images" / "only.jpg", 10, 12)
     (root / "masks").mkdir()
-    (root / "splits").mkdir()
-    (root / "splits" / "all.txt").write_text("only\n")
-
-    with pytest.raises(EmptyDatasetError) as info:
-        SegmentationDataset(root, split="all")
-    assert str(root) in str(info.value) and "'all'" in str(info.value)
-    assert isinstance(info.value, ValueError)
-
-    with pytest.raises(ValueError, match="not both"):
-        SegmentationDataset(root, split="all", stems=["only"])
+    assert pair_by_stem(root / "images", root / "masks").pairs == []
     with pytest.raises(FileNotFoundError, match="masks"):
         pair_by_stem(root / "images", root / "no_masks_here")
-    with pytest.raises(FileNotFoundError):
-        SegmentationDataset(tmp_path / "does_not_exist")
-
-
-def test_transform_is_applied(messy_dataset: Path):
-    def flip(image, mask):
-        return {"image": image[:, ::-1], "mask": mask[:, ::-1]}
-
-    plain = SegmentationDataset(messy_dataset)[0]
-    flipped = SegmentationDataset(messy_dataset, transform=flip)[0]
-    assert np.array_equal(flipped["mask"], plain["mask"][:, ::-1])
-
-
-def test_works_with_torch_dataloader(messy_dataset: Path):
-    torch = pytest.importorskip("torch")
-    loader = torch.utils.data.DataLoader(SegmentationDataset(messy_dataset), batch_size=1)
-    batch = next(iter(loader))
-    assert batch["stem"] == ["b"]
-    assert tuple(batch["image"].shape) == (1, 40, 60, 3) and batch["image"].dtype == torch.uint8
 
 
 def test_data_root_env_and_default(monkeypatch, tmp_path: Path):
@@ -202,10 +160,10 @@ def test_real_cvc_clinicdb_pranet_test():
     root = data_root() / "CVC-ClinicDB"
     if not (root / "images").is_dir():
         pytest.skip(f"real data not available at {root}")
-    ds = SegmentationDataset(root, split="pranet_test")
-    assert len(ds) == 62
-    assert ds.report.num_skipped == 0
-    item = ds[0]
-    assert item["image"].shape == (288, 384, 3) and item["image"].dtype == np.uint8
-    assert item["mask"].shape == (288, 384) and item["mask"].dtype == np.uint8
-    assert set(np.unique(item["mask"]).tolist()) <= {0, 1}
+    report = pair_by_stem(root / "images", root / "masks", stems=read_split(root, "pranet_test"))
+    assert len(report.pairs) == 62
+    assert report.num_skipped == 0
+    image, mask = load_image(report.pairs[0].image_path), load_mask(report.pairs[0].mask_path)
+    assert image.shape == (288, 384, 3) and image.dtype == np.uint8
+    assert mask.shape == (288, 384) and mask.dtype == np.uint8
+    assert set(np.unique(mask).tolist()) <= {0, 1}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autosam_core.losses import bce_dice_loss, soft_dice_loss
-from autosam_core.metrics import MeanMetrics, dice_iou, masks_from_logits
+from autosam_core.metrics import dice_iou
 
 # ---------------------------------------------------------------- dice_iou
 
@@ -58,58 +58,6 @@ def test_dice_iou_rejects_bad_input():
         dice_iou(np.full((4, 4), 255, dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))
     with pytest.raises(ValueError, match="binary"):
         dice_iou(torch.full((4, 4), 0.7), torch.ones(4, 4))
-
-
-# ---------------------------------------------------------------- MeanMetrics
-
-
-def test_mean_over_images_not_pixels():
-    pred = np.zeros((2, 100, 100), dtype=bool)
-    gt = np.zeros((2, 100, 100), dtype=bool)
-    pred[0, :10, :10] = gt[0, :10, :10] = True  # perfect, 100 px
-    gt[1] = True  # 10,000 px GT, empty prediction
-
-    metrics = MeanMetrics()
-    per_image = metrics.update(pred, gt)
-    result = metrics.compute()
-
-    assert per_image == [(1.0, 1.0), (0.0, 0.0)]
-    assert result == {"dice": 0.5, "iou": 0.5, "num_images": 2}
-
-
-def test_mean_metrics_accumulates_batches_and_torch():
-    metrics = MeanMetrics()
-    gt = torch.zeros(1, 1, 4, 6, dtype=torch.uint8)
-    pred = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
-    pred[0, 0, 0, 0:4] = True
-    gt[0, 0, 0, 2:6] = 1
-    gt[0, 0, 1, 4:6] = 1
-    metrics.update(pred, gt)  # Dice 0.4, IoU 0.25
-    metrics.update(np.zeros((1, 4, 6), np.uint8), np.zeros((1, 4, 6), np.uint8))  # 1, 1
-    result = metrics.compute()
-    assert result["num_images"] == 2
-    assert result["dice"] == pytest.approx(0.7)
-    assert result["iou"] == pytest.approx(0.625)
-
-    metrics.reset()
-    assert metrics.compute() == {"dice": 0.0, "iou": 0.0, "num_images": 0}
-    with pytest.raises(ValueError, match="expected"):
-        metrics.update(np.zeros((4, 6)), np.zeros((4, 6)))
-    with pytest.raises(ValueError, match="differ"):
-        metrics.update(np.zeros((2, 4, 6)), np.zeros((2, 4, 5)))
-
-
-# ---------------------------------------------------------------- masks_from_logits
-
-
-def test_masks_from_logits_thresholds_at_zero():
-    logits = torch.tensor([[-2.0, 0.0], [1e-3, 5.0]])
-    assert masks_from_logits(logits).tolist() == [[False, False], [True, True]]
-    # An all-negative frame stays empty (per-image min-max rescaling would make it foreground).
-    assert not masks_from_logits(np.array([[-5.0, -3.0], [-1.0, -0.5]])).any()
-    assert masks_from_logits(np.array([0.5, -0.5], dtype=np.float32)).tolist() == [True, False]
-    with pytest.raises(TypeError):
-        masks_from_logits(torch.tensor([1, 0], dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------- bce_dice_loss

@@ -26,8 +26,34 @@ from autosam_core.config import ConfigError, DataRef, PrivacyConfig, SiteConfig
 from autosam_core.privacy import (
     DPCompatibilityError, DPSiteTrainer, PrivacyLedger, PrivacyLedgerError, PrivacyWarning,
     calibrate_noise_multiplier, check_delta, check_private_compatible, dp_state_signature, dp_train_epochs,
-    groupnorm_groups, make_private_compatible, per_sample_gradients, poisson_sample_rate, require_uniform_privacy)
+    groupnorm_groups, make_private_compatible, poisson_sample_rate, require_uniform_privacy)
 from autosam_core.sam import SPECS, FrozenSam
+
+
+def per_sample_gradients(model: AutoSam, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the training loss w.r.t. g's parameters, ``{name: (B, *shape)}``.
+
+    g is wrapped in an Opacus ``GradSampleModule`` for one forward/backward and unwrapped again
+    (hooks removed, Opacus attributes deleted, ``.grad`` cleared). Test helper (was product code).
+    """
+    from opacus import GradSampleModule
+
+    from autosam_core.privacy.trainer import _backward, _batch_loss, _drop_opacus_attrs
+
+    g = model.prompt_generator
+    check_private_compatible(g)
+    was_training = g.training
+    g.train()
+    gsm = GradSampleModule(g, batch_first=True, loss_reduction="mean", strict=True)
+    try:
+        loss, _ = _batch_loss(model, gsm, batch)
+        _backward(loss)
+        return {n: p.grad_sample.detach().clone() for n, p in g.named_parameters() if p.requires_grad}
+    finally:
+        gsm._close()
+        _drop_opacus_attrs(g)
+        g.zero_grad(set_to_none=True)
+        g.train(was_training)
 
 
 class TinyG(nn.Module):
@@ -285,6 +311,34 @@ def test_site_with_empty_poisson_batches_resumes_its_accountant(fast_sam, tmp_pa
     assert all(torch.equal(v, trainer3.model.trainable_state()[k]) for k, v in before.items())
     assert trainer3.ledger.steps == 40
 
+
+def test_budget_check_never_writes_the_ledger(fast_sam, tmp_path):
+    import os
+
+    _write_site(tmp_path / "data", 40)
+    site = SiteConfig(site_id="ro", data=DataRef(dataset=str(tmp_path / "data")), batch_size=2, local_epochs=1,
+                      augmentation="none", cache_dir=str(tmp_path / "cache"),
+                      privacy=PrivacyConfig(target_epsilon=4.0, delta=1e-3, planned_rounds=2))
+    state_dir = tmp_path / "state"
+    path = state_dir / "privacy-ro.json"
+    # No ledger yet: answering calibrates sigma for the answer only; nothing is written or stored.
+    fresh = DPSiteTrainer(_dp_model(fast_sam), site, state_dir=state_dir, progress=False)
+    assert fresh.would_exceed(1) is False
+    assert not path.exists() and fresh.ledger.noise_multiplier is None
+    # Ledgers from another sample rate (0.5; the site's is 0.05), so that answering recalibrates sigma
+    # (in memory only): one far from its budget (epsilon 0.49 at delta 1e-3), one past it.
+    for steps, expected in ((3, False), (400, True)):
+        old = PrivacyLedger(path)
+        old.history = []
+        old.noise_multiplier, old.sample_rate, old.planned_steps = 5.0, 0.5, 6
+        old.record(5.0, 0.5, steps)
+        old.save()
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+        before_bytes, before_mtime = path.read_bytes(), path.stat().st_mtime_ns
+        trainer = DPSiteTrainer(_dp_model(fast_sam), site, state_dir=state_dir, progress=False)
+        assert trainer.would_exceed(1) is expected
+        assert path.read_bytes() == before_bytes and path.stat().st_mtime_ns == before_mtime == 1_000_000_000
+        assert (trainer.ledger.noise_multiplier, trainer.ledger.sample_rate) == (5.0, 0.5)
 
 def test_dp_site_refuses_batchnorm_g(fast_sam, tmp_path):
     _write_site(tmp_path / "data", 4)

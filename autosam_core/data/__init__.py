@@ -1,4 +1,4 @@
-"""Data loading for AutoSAM-FL: image/mask I/O, stem pairing, datasets and augmentations.
+"""Data loading for AutoSAM-FL: image/mask I/O, stem pairing, augmentations, embedding cache.
 
 Contracts: docs/ARCHITECTURE.md ("autosam_core.data"); layout: docs/DESIGN.md section 6.
 
@@ -14,10 +14,8 @@ from .dataset import (
     DATA_ROOT_ENV,
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
-    EmptyDatasetError,
     Pair,
     PairingReport,
-    SegmentationDataset,
     SplitNotFoundError,
     data_root,
     list_splits,
@@ -32,14 +30,12 @@ if TYPE_CHECKING:
 __all__ = [
     "AlphaChannelDroppedWarning",
     "DATA_ROOT_ENV",
-    "EmptyDatasetError",
     "IMAGE_EXTENSIONS",
     "ImageFormatError",
     "MASK_EXTENSIONS",
     "PRESETS",
     "Pair",
     "PairingReport",
-    "SegmentationDataset",
     "SplitNotFoundError",
     "build_augmentation",
     "data_root",

@@ -53,8 +53,6 @@ class EmbeddingCache:
         self.sam = sam
         self.dir = Path(root or default_cache_dir()) / sam.cache_id
         self._keys: dict[str, str] = {}
-        self.hits = 0
-        self.misses = 0
 
     def key(self, image_path: str | Path) -> str:
         """Content key of an image file (memoised per path)."""
@@ -93,7 +91,6 @@ class EmbeddingCache:
         t0 = time.perf_counter()
         todo = [Path(p) for p in dict.fromkeys(map(str, image_paths)) if not self.path(p).is_file()]
         cached = len(set(map(str, image_paths))) - len(todo)
-        self.hits += cached
         if todo:
             self.dir.mkdir(parents=True, exist_ok=True)
             log.info("encoding %d images with frozen %s (%d already cached)", len(todo), self.sam.spec.kind, cached)
@@ -106,5 +103,4 @@ class EmbeddingCache:
                 atomic_torch_save(e.clone(), self.path(p))
             bar.update(len(chunk))
         bar.close()
-        self.misses += len(todo)
         return {"cached": cached, "computed": len(todo), "seconds": time.perf_counter() - t0}

@@ -1,4 +1,4 @@
-"""Dataset discovery, image/mask pairing by file stem, and the segmentation dataset.
+"""Dataset discovery and image/mask pairing by file stem (the torch dataset is engine.AutoSamDataset).
 
 Data layout (docs/DESIGN.md section 6, ``../shared/data/README.md``)::
 
@@ -8,41 +8,33 @@ Data layout (docs/DESIGN.md section 6, ``../shared/data/README.md``)::
 
 Images and masks are paired by stem, never by sorted order (docs/DESIGN.md section 1, known flaws of the
 public AutoSAM code). Image/mask sizes are compared from the file headers and mismatches are rejected,
-never padded. Nothing is dropped silently: every skipped file is listed in a :class:`PairingReport`,
-and :class:`SegmentationDataset` logs its summary at WARNING when anything was skipped.
-
-This module does not import torch: :class:`SegmentationDataset` is a plain map-style dataset
-(``__len__`` + ``__getitem__``), which ``torch.utils.data.DataLoader`` accepts as is.
+never padded. Nothing is dropped silently: every skipped file is listed in a :class:`PairingReport`.
+This module does not import torch.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import ImageFormatError, image_size, load_image, load_mask
+from .io import ImageFormatError, image_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_EXTENSIONS",
     "DATA_ROOT_ENV",
     "SplitNotFoundError",
-    "EmptyDatasetError",
     "Pair",
     "PairingReport",
     "data_root",
     "read_split",
     "list_splits",
     "pair_by_stem",
-    "SegmentationDataset",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Recognised image file extensions (lower case; matching is case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -56,10 +48,6 @@ _MAX_NAMES_IN_SUMMARY = 5
 
 class SplitNotFoundError(FileNotFoundError):
     """A split file ``<dataset>/splits/<split>.txt`` does not exist; the message lists the ones that do."""
-
-
-class EmptyDatasetError(ValueError):
-    """No usable image/mask pair remains; the message names the directory, split and skip reasons."""
 
 
 def data_root() -> Path:
@@ -346,110 +334,3 @@ def pair_by_stem(
     if stems is None:
         report.orphan_masks = sorted(set(masks) - set(images), key=_natural_key)
     return report
-
-
-class SegmentationDataset:
-    """Map-style dataset of image/mask pairs from one dataset folder.
-
-    Source: docs/ARCHITECTURE.md ("autosam_core.data"); docs/DESIGN.md section 6 for the layout.
-    Torch-free: ``torch.utils.data.DataLoader`` accepts it as is.
-
-    Each item is a dict::
-
-        {"stem": str,
-         "image": numpy.uint8 (H, W, 3) RGB,
-         "mask":  numpy.uint8 (H, W) in {0, 1}}
-
-    With a ``transform`` (e.g. from :func:`autosam_core.data.transforms.build_augmentation`), the
-    item is ``transform(image=image, mask=mask)``'s ``"image"`` and ``"mask"`` (albumentations
-    keyword interface), whose shapes and dtypes the transform decides.
-
-    Args:
-        dataset_dir: dataset folder holding ``images/`` and ``masks/`` (and ``splits/``).
-        split: optional split name read with :func:`read_split`.
-        stems: optional explicit stems (mutually exclusive with ``split``).
-        transform: optional callable ``transform(image=..., mask=...) -> dict``.
-
-    Attributes:
-        report: the :class:`PairingReport`; its summary is logged at WARNING when anything was
-            skipped, else at INFO.
-        pairs: the usable :class:`Pair` list.
-
-    Raises:
-        FileNotFoundError: ``images/`` or ``masks/`` is missing, or the split file is missing
-            (:class:`SplitNotFoundError`, listing the available splits).
-        ValueError: both ``split`` and ``stems`` are given.
-        EmptyDatasetError (a ``ValueError``): no usable pair remains (names dir, split, reasons).
-    """
-
-    def __init__(
-        self,
-        dataset_dir: str | os.PathLike,
-        split: str | None = None,
-        stems: Iterable[str] | None = None,
-        transform: Callable[..., dict[str, Any]] | None = None,
-    ) -> None:
-        self.dataset_dir = Path(dataset_dir)
-        if split is not None and stems is not None:
-            raise ValueError(
-                f"{self.dataset_dir}: give either split ({split!r}) or stems, not both"
-            )
-        if not self.dataset_dir.is_dir():
-            raise FileNotFoundError(f"dataset directory not found: {self.dataset_dir}")
-        self.split = split
-        self.transform = transform
-        selected = read_split(self.dataset_dir, split) if split is not None else stems
-        self.report = pair_by_stem(
-            self.dataset_dir / "images", self.dataset_dir / "masks", stems=selected
-        )
-        where = f"{self.dataset_dir} (split {split!r})" if split else str(self.dataset_dir)
-        if self.report.num_skipped:
-            logger.warning("%s: %s", where, self.report.summary())
-        else:
-            logger.info("%s: %s", where, self.report.summary())
-        if not self.report.pairs:
-            raise EmptyDatasetError(
-                f"no usable image/mask pairs in {self.dataset_dir} "
-                f"(split {split!r}): {self.report.summary()}"
-            )
-        self.pairs: list[Pair] = list(self.report.pairs)
-
-    @property
-    def stems(self) -> list[str]:
-        """Stems of the items, in index order."""
-        return [p.stem for p in self.pairs]
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def load(self, index: int) -> dict[str, Any]:
-        """Load item ``index`` without the transform (``{"stem", "image", "mask"}``).
-
-        Raises:
-            IndexError: index out of range.
-            ImageFormatError: the decoded image and mask sizes differ (names both files and sizes).
-        """
-        pair = self.pairs[index]
-        image = load_image(pair.image_path)
-        mask = load_mask(pair.mask_path)
-        if image.shape[:2] != mask.shape:
-            raise ImageFormatError(
-                f"{pair.image_path} has HxW {_fmt_size(image.shape[:2])} but "
-                f"{pair.mask_path} has HxW {_fmt_size(mask.shape)}; expected equal sizes"
-            )
-        return {"stem": pair.stem, "image": image, "mask": mask}
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Item ``index`` as ``{"stem", "image", "mask"}``, transformed when a transform is set."""
-        item = self.load(index)
-        if self.transform is not None:
-            out = self.transform(image=item["image"], mask=item["mask"])
-            item["image"] = out["image"]
-            item["mask"] = out["mask"]
-        return item
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({str(self.dataset_dir)!r}, split={self.split!r}, "
-            f"n={len(self)})"
-        )

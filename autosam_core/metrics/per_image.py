@@ -1,4 +1,4 @@
-"""Segmentation metrics: per-image Dice and IoU, averaged over images.
+"""Per-image Dice and IoU of binary masks (averaging over images is the caller's: engine.evaluate_pairs).
 
 Source: docs/DESIGN.md section 1 ("Metrics: per-image Dice and IoU after thresholding, averaged over
 images"; threshold logits at 0, never min-max rescale them) and docs/ARCHITECTURE.md
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["dice_iou", "masks_from_logits", "MeanMetrics"]
+__all__ = ["dice_iou"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -29,7 +29,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 def _binary_error(name: str, dtype: Any, lo: Any, hi: Any) -> ValueError:
     return ValueError(
         f"{name} must be binary (bool or values in {{0, 1}}), got dtype {dtype} with range "
-        f"[{lo}, {hi}]; threshold logits with masks_from_logits and divide 0/255 masks by 255"
+        f"[{lo}, {hi}]; threshold logits at 0 (logits > 0) and divide 0/255 masks by 255"
     )
 
 
@@ -116,102 +116,3 @@ def dice_iou(pred_mask: ArrayLike, gt_mask: ArrayLike) -> tuple[float, float]:
     inter, psum, gsum = _batch_counts(pred.reshape(1, -1), gt.reshape(1, -1))
     dice, iou = _scores(inter, psum, gsum)
     return float(dice[0]), float(iou[0])
-
-
-def masks_from_logits(logits: ArrayLike) -> ArrayLike:
-    """Binary masks from logits by thresholding at 0 (probability 0.5).
-
-    Source: docs/DESIGN.md section 1: logits are thresholded at 0 and never min-max rescaled per image
-    (rescaling turns an empty frame half foreground).
-
-    Args:
-        logits: float tensor or numpy array of any shape, unbounded.
-
-    Returns:
-        bool tensor (same device) or bool numpy array, same shape: ``logits > 0``.
-
-    Raises:
-        TypeError: ``logits`` is not of a floating point dtype (masks or probabilities in uint8
-            were probably passed).
-    """
-    if isinstance(logits, torch.Tensor):
-        if not logits.is_floating_point():
-            raise TypeError(f"logits must be a floating point tensor, got dtype {logits.dtype}")
-        return logits.detach() > 0
-    arr = np.asarray(logits)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"logits must be a floating point array, got dtype {arr.dtype}")
-    return arr > 0
-
-
-class MeanMetrics:
-    """Running per-image Dice/IoU accumulator, averaged over images (not pixels).
-
-    Source: docs/DESIGN.md section 1 ("per-image Dice and IoU ... averaged over images");
-    docs/ARCHITECTURE.md (``engine.evaluate -> {"dice", "iou", "num_images"}``).
-
-    Example: one perfect 100-pixel image and one image with 10,000 GT pixels and an empty
-    prediction give mean Dice 0.5 (a pixel-pooled Dice would give about 0.02).
-
-    Attributes:
-        dice_values, iou_values: per-image scores (Python floats) in update order.
-    """
-
-    def __init__(self) -> None:
-        self.dice_values: list[float] = []
-        self.iou_values: list[float] = []
-
-    def reset(self) -> None:
-        """Forget every image seen so far."""
-        self.dice_values.clear()
-        self.iou_values.clear()
-
-    @property
-    def num_images(self) -> int:
-        """Number of images accumulated."""
-        return len(self.dice_values)
-
-    def update(self, pred_masks: ArrayLike, gt_masks: ArrayLike) -> list[tuple[float, float]]:
-        """Add a batch of images.
-
-        Args:
-            pred_masks: binary predictions, (B, H, W) or (B, 1, H, W), numpy or torch, bool or
-                0/1 values (e.g. ``masks_from_logits(logits)``).
-            gt_masks: ground truth of the same shape and value rules.
-
-        Returns:
-            per-image ``(dice, iou)`` of this batch, in batch order.
-
-        Raises:
-            ValueError: shapes differ (names both), are not (B, H, W) / (B, 1, H, W), or values are
-                not binary.
-        """
-        shape = _shape(pred_masks)
-        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[1] != 1):
-            raise ValueError(
-                f"pred_masks has shape {shape}; expected (B, H, W) or (B, 1, H, W)"
-            )
-        pred, gt = _pair(pred_masks, gt_masks)
-        inter, psum, gsum = _batch_counts(pred, gt)
-        dice, iou = _scores(inter, psum, gsum)
-        batch = [(float(d), float(i)) for d, i in zip(dice, iou)]
-        self.dice_values.extend(d for d, _ in batch)
-        self.iou_values.extend(i for _, i in batch)
-        return batch
-
-    def compute(self) -> dict[str, float | int]:
-        """Mean scores over all images seen.
-
-        Returns:
-            ``{"dice": float, "iou": float, "num_images": int}``; means in [0, 1]. With no images,
-            ``{"dice": 0.0, "iou": 0.0, "num_images": 0}`` (never NaN; weight results by
-            ``num_images`` when aggregating).
-        """
-        n = self.num_images
-        if n == 0:
-            return {"dice": 0.0, "iou": 0.0, "num_images": 0}
-        return {
-            "dice": float(sum(self.dice_values) / n),
-            "iou": float(sum(self.iou_values) / n),
-            "num_images": n,
-        }
