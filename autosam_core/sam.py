@@ -245,10 +245,16 @@ class FrozenSam(nn.Module):
         device = self.device
         if b == 0:
             return torch.zeros((0, 1, *self.spec.low_res_size), device=device)
+        dec = self.mask_decoder
+        if not all(hasattr(dec, a) for a in ("iou_token", "mask_tokens", "transformer", "output_upscaling",
+                                             "output_hypernetworks_mlps")):
+            if sparse_prompt_embeddings is not None:
+                raise ValueError(f"{type(dec).__name__} is not a segment_anything MaskDecoder: sparse prompts "
+                                 "need its internals")
+            return self.decode_per_sample(image_embeddings, dense_prompt_embeddings)  # any SAM-like decoder
         dense = dense_prompt_embeddings.to(device)
         # A plain (non-inference) copy: autograd may save it for the backward pass.
         src = image_embeddings.to(device=device, dtype=torch.float32).clone() + dense
-        dec = self.mask_decoder
         with autocast(device, self.precision):
             output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
             tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)

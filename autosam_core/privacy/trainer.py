@@ -57,13 +57,21 @@ def _collate_or_none(items: list) -> dict | None:
 
 
 def _embeddings(model: AutoSam, batch: dict) -> torch.Tensor:
-    return batch["image_embeddings"] if "image_embeddings" in batch else model.sam.encode(batch["sam_input"])
+    if "image_embeddings" in batch:
+        return batch["image_embeddings"].to(model.sam.device)
+    return model.sam.encode(batch["sam_input"])
 
 
 def _batch_loss(model: AutoSam, g: nn.Module, batch: dict) -> tuple[torch.Tensor, float]:
-    """Mean per-sample BCE+Dice of one non-empty batch, g applied through ``g`` (e.g. a GradSampleModule)."""
-    dense_prompt_embeddings = g(batch["g_input"])
-    low_res_logits = model.sam.decode(_embeddings(model, batch), dense_prompt_embeddings)
+    """Mean per-sample BCE+Dice of one non-empty batch, g applied through ``g`` (e.g. a GradSampleModule).
+
+    g reads ``g_input`` (B, 3, G, G) and, when it fuses them, SAM's image_embeddings (B, 256, 64, 64).
+    """
+    emb = _embeddings(model, batch)
+    g_in = batch["g_input"].to(model.sam.device) if "g_input" in batch else None
+    fused = getattr(model.prompt_generator, "fuse_embeddings", False)
+    dense_prompt_embeddings = g(g_in, emb) if fused else g(g_in)
+    low_res_logits = model.sam.decode(emb, dense_prompt_embeddings)
     return masked_loss_and_dice(low_res_logits, batch["target"], batch["valid"])
 
 
@@ -131,6 +139,10 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
     k = steps_per_epoch(q)
     g = model.prompt_generator
     check_private_compatible(g)
+    if model.sam.precision != "fp32":
+        # Per-sample clipping is checked in float32 only: DP-SGD runs g and SAM's decoder in fp32.
+        log.info("DP-SGD runs in fp32 (site precision %s applies to the SAM encoder and evaluation only)",
+                 model.sam.precision)
     ledger = ledger if ledger is not None else PrivacyLedger(None)
     if noise_multiplier == 0:
         _warn("DP noise_multiplier is 0: clipping only, no privacy (epsilon is infinite)")
@@ -162,6 +174,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
     dp_optimizer.expected_batch_size = n_records * q
     anchor = [p.detach().clone() for p in dp_optimizer.params] if proximal_mu > 0 else None
 
+    saved_precision, model.sam.precision = model.sam.precision, "fp32"  # restored in the finally below
     t0, steps, empty = time.perf_counter(), 0, 0
     loss_sum, dice_sum, n = 0.0, 0.0, 0
     try:
@@ -171,7 +184,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
                        unit="step")
             for batch in bar:
                 dp_optimizer.zero_grad(set_to_none=True)
-                b = 0 if batch is None else int(batch["g_input"].shape[0])
+                b = 0 if batch is None else int(batch["target"].shape[0])
                 if b == 0:
                     # Noise-only step: zero-length per-sample gradients -> clipped sum 0, plus noise.
                     for p in dp_optimizer.params:
@@ -194,6 +207,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"DP training loss became {loss_sum} in epoch {epoch + 1}")
     finally:
+        model.sam.precision = saved_precision
         ledger.history = [tuple(h) for h in engine.accountant.history]
         ledger.save()
         dp_optimizer.zero_grad(set_to_none=True)
