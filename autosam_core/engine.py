@@ -261,7 +261,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
 
     Returns:
         {"loss": mean loss of the last epoch, "dice": mean train Dice of the last epoch,
-         "num_examples": samples seen per epoch, "seconds": wall time (s), "steps": optimizer steps}.
+         "num_examples": samples seen per epoch, "seconds": wall time (s), "steps": optimizer steps,
+         "data_seconds": time spent waiting for the loader (s)}.
 
     Raises:
         RuntimeError: a SAM parameter requires grad or is in the optimizer (:func:`check_sam_frozen`).
@@ -274,12 +275,14 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
     model.train()
     params = [p for p in model.prompt_generator.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    t0, steps, loss_sum, dice_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+    t0, steps, loss_sum, dice_sum, n, data_seconds = time.perf_counter(), 0, 0.0, 0.0, 0, 0.0
     for epoch in range(epochs):
         loss_sum, dice_sum, n = 0.0, 0.0, 0
         label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
         bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")
+        t_wait = time.perf_counter()
         for batch in bar:
+            data_seconds += time.perf_counter() - t_wait
             b = batch["target"].shape[0]
             if b == 0:
                 continue
@@ -304,12 +307,13 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
             steps += 1
             loss_sum, dice_sum, n = loss_sum + loss.item() * b, dice_sum + dice * b, n + b
             bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{dice:.3f}")
+            t_wait = time.perf_counter()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}")
     if recalibrate_bn and steps:
         recalibrate_batchnorm(model, loader)
     return {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n,
-            "seconds": time.perf_counter() - t0, "steps": steps}
+            "seconds": time.perf_counter() - t0, "steps": steps, "data_seconds": data_seconds}
 
 
 @torch.no_grad()

@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "sam_head_offset_c128": ({"preset": "sam_head", "head_channels": 128, "refine": "none"}, "constant"),
     "sam_head_offset_cosine": ({"preset": "sam_head", "refine": "none"}, "cosine"),
 }
+# Variants trained with another learning rate than --lr (same data, steps and seed).
+VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3}
+VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "refine": "none"}, "constant")
 TEST = [DataRef(dataset="Kvasir-SEG", split="pranet_test", name="Kvasir"),
         DataRef(dataset="CVC-ClinicDB", split="pranet_test", name="ClinicDB"),
         DataRef(dataset="CVC-ColonDB", name="ColonDB"),
@@ -76,7 +79,8 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
     torch.manual_seed(seed)
     loader = make_loader(AutoSamDataset(model, train_pairs, "polyp", cache), args.batch_size, shuffle=True,
                          seed=seed)
-    opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=args.lr, weight_decay=1e-5)
+    lr = VARIANT_LR.get(name, args.lr)
+    opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=lr, weight_decay=1e-5)
     sched = lr_schedule(opt, args.epochs * len(loader), schedule)
     stats = train_epochs(model, loader, args.epochs, opt, scheduler=sched, desc=f"{name} s{seed}")
     state = model.trainable_state()
@@ -84,10 +88,11 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
             "g_params": sum(p.numel() for p in model.prompt_generator.parameters()),
             "gmacs": g_macs(model, cfg.g_input_size),
             "seconds_per_step": stats["seconds"] / max(stats["steps"], 1), "steps": stats["steps"],
+            "data_seconds_per_step": stats["data_seconds"] / max(stats["steps"], 1),
             "train_loss": stats["loss"], "train_dice": stats["dice"],
             "bytes_per_round": sum(v.numel() * v.element_size() for v in state.values()),
             "train_images": len(train_pairs), "val_images": len(val_pairs), "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "precision": sam.precision}
+            "batch_size": args.batch_size, "lr": lr, "precision": sam.precision}
     rows = []
     for refine in ("none", "box", "box_only"):
         model.refine = refine
