@@ -44,10 +44,11 @@ class SamConfig(_Strict):
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's g (section 3): HarDNet-85 on the image, two decoder blocks, BatchNorm -> tanh.
     "paper": {"backbone": "hardnet85", "output": "tanh", "fuse_embeddings": False},
-    # Issue 10's recipe (docs/benchmark/ABLATION.md): a conv head on the frozen SAM image_embeddings,
-    # output = SAM's no-mask embedding + gain x tanh(...), then SAM prompted with the box of that mask.
-    "sam_head": {"backbone": "none", "output": "offset", "fuse_embeddings": True, "head_channels": 256,
-                 "refine": "box"},
+    # Issue 10's recipe (docs/benchmark/ABLATION.md, chosen on validation): a conv head on the frozen
+    # SAM image_embeddings (BatchNorm -> tanh output), then SAM prompted with the box of each
+    # connected component of that mask and its own no-mask embedding.
+    "sam_head": {"backbone": "none", "output": "tanh", "fuse_embeddings": True, "head_channels": 256,
+                 "refine": "box_only"},
 }
 
 
@@ -217,7 +218,12 @@ class FederationConfig(_Strict):
 
     sites: site YAML paths relative to this file; evaluate: public benchmark splits the server
     evaluates the global model on after each round; validation: split used to choose the best
-    round (never a test split); round_timeout in seconds.
+    round (never a test split); round_timeout in seconds. client_gpus: GPUs per simulated site
+    (fractional allowed: Flower/Ray's per-client GPU resource; Ray gives each site its own
+    CUDA_VISIBLE_DEVICES, so sites are spread over the GPUs instead of all using cuda:0).
+    transfer_dtype: dtype of g's floating-point arrays on the wire, both directions (integer buffers
+    stay int64; the server aggregates in float32; :mod:`autosam_core.transfer`). device/precision:
+    the server's central evaluation (:mod:`autosam_core.precision`).
     """
 
     name: str
@@ -234,6 +240,10 @@ class FederationConfig(_Strict):
     cache_dir: str | None = None
     resume: bool = False
     client_cpus: float = Field(1.0, gt=0)
+    client_gpus: float = Field(0.0, ge=0)
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    precision: Precision = "auto"
     seed: int = 0
 
 

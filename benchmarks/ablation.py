@@ -43,13 +43,14 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "hardnet85_fused_offset": ({"backbone": "hardnet85", "output": "offset", "fuse_embeddings": True,
                                 "head_channels": 256}, "constant"),
     "sam_head_tanh": ({"preset": "sam_head", "output": "tanh", "refine": "none"}, "constant"),
-    "sam_head_offset": ({"preset": "sam_head", "refine": "none"}, "constant"),
-    "sam_head_offset_c128": ({"preset": "sam_head", "head_channels": 128, "refine": "none"}, "constant"),
-    "sam_head_offset_cosine": ({"preset": "sam_head", "refine": "none"}, "cosine"),
+    "sam_head_offset": ({"preset": "sam_head", "output": "offset", "refine": "none"}, "constant"),
+    "sam_head_offset_c128": ({"preset": "sam_head", "output": "offset", "head_channels": 128, "refine": "none"},
+                             "constant"),
+    "sam_head_offset_cosine": ({"preset": "sam_head", "output": "offset", "refine": "none"}, "cosine"),
 }
 # Variants trained with another learning rate than --lr (same data, steps and seed).
 VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3}
-VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "refine": "none"}, "constant")
+VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "output": "offset", "refine": "none"}, "constant")
 TEST = [DataRef(dataset="Kvasir-SEG", split="pranet_test", name="Kvasir"),
         DataRef(dataset="CVC-ClinicDB", split="pranet_test", name="ClinicDB"),
         DataRef(dataset="CVC-ColonDB", name="ColonDB"),

@@ -126,7 +126,7 @@ def run_simulation_from_yaml(path: str | Path, *, echo: Callable[[str], None] = 
             run_config={"federation-config": str(fed_path), "run-dir": str(run_dir), "node-sites": "",
                         "local-epochs": 0},
             federation_config={"num-supernodes": len(sites), "client-resources-num-cpus": int(fed.client_cpus),
-                               "client-resources-num-gpus": 0.0, "init-args-num-cpus": available_cpus()},
+                               "client-resources-num-gpus": float(fed.client_gpus), "init-args-num-cpus": available_cpus()},
             echo=_progress_filter(verbose, echo))
         status, details = run_status(CONNECTION, run_id, env)
     except FlowerProcessError as err:

@@ -73,9 +73,10 @@ def test_box_refinement_prompts_one_box_per_component(tiny_sam, monkeypatch):
 
 
 def test_sam_head_prompt_generator_starts_at_sams_no_mask_state(tiny_sam):
-    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16), sam=tiny_sam)
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16, output="offset"),
+                          sam=tiny_sam)
     g = model.prompt_generator
-    assert not model.reads_images and model.refine == "box"
+    assert not model.reads_images and model.refine == "box_only"
     assert sum(p.numel() for p in g.parameters()) == (256 * 16 * 9 + 16 * 16 * 9 * 2 + 3 * 2 * 16
                                                       + 16 * 256 + 256 + 256)
     emb = torch.randn(2, 256, 64, 64) * 0.1
@@ -105,7 +106,7 @@ def test_presets_expand_and_explicit_keys_win():
     paper = ModelConfig(preset="paper")
     assert (paper.backbone, paper.output, paper.fuse_embeddings, paper.refine) == ("hardnet85", "tanh", False, "none")
     head = ModelConfig(preset="sam_head", head_channels=64, refine="none")
-    assert (head.backbone, head.output, head.head_channels, head.refine) == ("none", "offset", 64, "none")
+    assert (head.backbone, head.output, head.head_channels, head.refine) == ("none", "tanh", 64, "none")
     assert ModelConfig(**head.model_dump()) == head  # a checkpoint's stored config rebuilds the same model
 
 
