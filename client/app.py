@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 
-from . import protocol as P
+from autosam_fl import protocol as P
 from .audit import AuditViolation, ReplyAudit, Signature, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")

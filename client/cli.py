@@ -33,7 +33,7 @@ from pathlib import Path
 
 from autosam_core.config import ConfigError, SiteConfig, load_yaml_config
 
-from . import protocol as P
+from autosam_fl import protocol as P
 
 EXIT_CONFIG, EXIT_REFUSED = 2, 3
 
@@ -64,7 +64,7 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
         training sample (names the file and the key).
     """
     from autosam_core.engine import split_validation
-    from server.preflight import resolve_ref
+    from autosam_fl.preflight import resolve_ref
 
     p = Path(path).expanduser().resolve()
     site = load_yaml_config(p, SiteConfig)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-client`` (see module docstring)."""
     import tomli_w
 
-    from server.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
+    from autosam_fl.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
 
     args = _parse_args(argv)
     try:

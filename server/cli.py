@@ -34,8 +34,8 @@ from pathlib import Path
 
 from autosam_core.config import ConfigError
 
-from .preflight import check_validation, load_federation
-from .processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
+from autosam_fl.preflight import check_validation, load_federation
+from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
                         start_superlink, submit_run, write_connection)
 from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from autosam_core.config import ConfigError, FederationConfig, config_hash, load_yaml_config
 
-from client import protocol as P
+from autosam_fl import protocol as P
 
 from . import outputs
 from .strategy import MinSitesError, build_strategy

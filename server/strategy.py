@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from client import protocol as P
+from autosam_fl import protocol as P
 
 from .aggregation import TRAINABLE_PREFIXES, check_num_examples, check_state, weighted_average
 
