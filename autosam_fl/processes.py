@@ -65,9 +65,13 @@ class ProcessTracker:
 
     Args:
         poll_seconds: how often ``/proc`` is scanned for new descendants.
+        guard: an :class:`autosam_fl.guard.Guard`; every started process (the leader of its own
+            session and group) is registered with it, so it is stopped even if this process is
+            killed with SIGKILL.
     """
 
-    def __init__(self, poll_seconds: float = 0.5):
+    def __init__(self, poll_seconds: float = 0.5, guard=None):
+        self.guard = guard
         self.roots: list[tuple[str, subprocess.Popen]] = []
         self.seen: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -92,6 +96,8 @@ class ProcessTracker:
         finally:
             if not pipe and log_path:
                 stdout.close()
+        if self.guard is not None:
+            self.guard.watch_group(proc.pid)
         st = _proc_stat(proc.pid)
         with self._lock:
             self.roots.append((name, proc))

@@ -55,6 +55,10 @@ MODEL_CONFIG = "model-config"
 SEED = "seed"
 DP = "dp"
 PLANNED_ROUNDS = "planned-rounds"
+#: Instruction config: the global round after which the run ends (resume offset included), and whether
+#: a federated evaluate message follows every train round; a site uses them to tell that a run is over.
+FINAL_ROUND = "final-round"
+FEDERATED_EVALUATE = "federated-evaluate"
 
 # Site record (ConfigRecord ``site``) keys and values.
 STATUS = "status"
@@ -99,6 +103,10 @@ RUN_LOCAL_EPOCHS = "local-epochs"
 # (default: the site's state folder, next to its privacy ledger).
 NODE_AUDIT = "audit"
 NODE_AUDIT_DIR = "audit-dir"
+# Deployment (autosam-client): the site worker's socket that keeps SAM, g and the data loaded across
+# rounds (client.worker), and the site id (so even a ClientApp that cannot reach it names its site).
+NODE_SITE_WORKER = "site-worker"
+NODE_SITE_ID = "site-id"
 AUDIT_ENV = "AUTOSAM_FL_AUDIT"
 AUDIT_DIR_ENV = "AUTOSAM_FL_AUDIT_DIR"
 # Persistent per-site folder (privacy ledger, audit report) when the site YAML has no ``state_dir``.

@@ -45,6 +45,7 @@ class RoundReport:
     aggregated: bool = False
     download_bytes: int = 0
     started: float = field(default_factory=time.time)
+    sent_at: float | None = None  # time.monotonic() when the train instructions were sent
     validation: dict | None = None
 
 
@@ -56,6 +57,15 @@ def arrayrecord_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def arrayrecord_nbytes(record: ArrayRecord) -> int:
     """Serialized size of an ArrayRecord's arrays in bytes (what crosses the network, before gRPC framing)."""
     return int(sum(len(v.data) for v in record.values()))
+
+
+def no_reply_text(elapsed: float | None, round_timeout: float) -> str:
+    """Why a site sent no train reply: its connection was lost (heartbeats stopped) or the round timed out."""
+    if elapsed is not None and elapsed < round_timeout - 5:
+        return (f"no reply: the site's connection was lost {elapsed:.0f} s into the round (its SuperNode stopped "
+                f"sending heartbeats: the site process was stopped or its network failed); round_timeout "
+                f"{round_timeout:.0f} s was not reached")
+    return f"no reply within round_timeout = {round_timeout:.0f} s"
 
 
 class RobustAggregation:
@@ -117,6 +127,7 @@ class RobustAggregation:
         report = self.reports[server_round] = RoundReport(server_round)
         report.sent_to = {m.metadata.dst_node_id: self.site_of(m.metadata.dst_node_id) for m in messages}
         report.download_bytes = arrayrecord_nbytes(arrays)
+        report.sent_at = time.monotonic()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -179,11 +190,11 @@ class RobustAggregation:
                             why or "no reason given")
                 continue
             contributors.append((site, state, n, info))
+        elapsed = time.monotonic() - report.sent_at if report.sent_at is not None else None
         for node in set(report.sent_to) - replied:
             site = self.site_of(node)
-            report.failed[site] = f"no reply within round_timeout = {self.round_timeout:.0f} s"
-            log.error("round %d: site %s (node %d) sent no reply within %.0f s", g, site, node,
-                      self.round_timeout)
+            report.failed[site] = no_reply_text(elapsed, self.round_timeout)
+            log.error("round %d: site %s (node %d): %s", g, site, node, report.failed[site])
         if alive < self.min_sites:
             failed = "; ".join(f"{s}: {t}" for s, t in report.failed.items()) or "none"
             raise MinSitesError(
