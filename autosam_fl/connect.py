@@ -133,6 +133,8 @@ def classify_supernode_line(line: str) -> str | None:
 class ConnectionMarker:
     """``<state dir>/connection-<site>.json``: this site's live connection (see module docstring).
 
+    One marker per site and key (:func:`marker_path`), so a different key never waits for it.
+
     Args:
         path: the marker file.
         superlink: ``HOST:PORT`` the site connects to (a marker of another SuperLink is ignored).
@@ -160,6 +162,26 @@ class ConnectionMarker:
         except FileNotFoundError:
             pass
 
+    def live_owner(self) -> int | None:
+        """PID of another running process that holds this connection now (a second autosam-client), else None."""
+        import json
+        import os
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        pid = int(data.get("pid", 0))
+        if data.get("superlink") != self.superlink or pid in (0, os.getpid()):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
     def release_in(self) -> float | None:
         """Seconds until the SuperLink releases the previous connection; None if there is none to wait for."""
         import json
@@ -173,3 +195,11 @@ class ConnectionMarker:
             return None
         left = float(data.get("alive_at", 0)) + NODE_RELEASE_SECONDS + 5 - time.time()
         return left if left > 0 else None
+
+
+def marker_path(state_dir: Path, site_id: str, key_file: Path) -> Path:
+    """``<state dir>/connection-<site>-<first 12 hex of the key file's SHA-256>.json``."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(key_file).read_bytes()).hexdigest()[:12]
+    return Path(state_dir) / f"connection-{site_id}-{digest}.json"

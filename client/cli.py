@@ -104,6 +104,10 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class _Stop(Exception):
+    """Leave the main loop (the return code is already set)."""
+
+
 class RoundConsole:
     """The site worker's handler: runs each message through :mod:`client.app` and reports it.
 
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     import tomli_w
 
     from autosam_fl.connect import ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, SENT, ConnectionMarker, \
-        split_address
+        marker_path, split_address
     from autosam_fl.guard import Guard
     from autosam_fl.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
 
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
               "(and .json)", flush=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     flwr_home = Path(tempfile.mkdtemp(prefix=f"autosam-site-{site.site_id}-"))
     guard = Guard([flwr_home])
     tracker = ProcessTracker(guard=guard)
@@ -246,11 +253,18 @@ def main(argv: list[str] | None = None) -> int:
            "--node-config", str(node_cfg), "--port", str(args.port or free_port())]
     if args.max_wait_time:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
-    marker = ConnectionMarker(site_app.site_state_dir(site, site_path) / f"connection-{site.site_id}.json",
-                              args.superlink)
+    state_dir = site_app.site_state_dir(site, site_path)
+    marker = ConnectionMarker(marker_path(state_dir, site.site_id, Path(args.auth_key)) if args.auth_key
+                              else flwr_home / "connection.json", args.superlink)
+    owner = marker.live_owner()
     refused = finished = waited = False
     rc = 0
     try:
+        if owner is not None:
+            print(f"error: site {site.site_id}: another autosam-client (pid {owner}) is connected to {args.superlink} "
+                  f"with this key ({marker.path}); stop it first", file=sys.stderr)
+            rc = EXIT_CONNECT
+            raise _Stop
         while True:
             events: queue.Queue = queue.Queue()
             proc = tracker.popen("flower-supernode", cmd, env=flower_env(flwr_home), pipe=True)
@@ -300,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"[autosam] site {site.site_id}: stopping", flush=True)
         rc = 0
+    except _Stop:
+        pass
     finally:
         tracker.stop()
         worker.close()

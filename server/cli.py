@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     if cache is not None:
         extra["AUTOSAM_CACHE"] = str(cache)
     env = flower_env(flwr_home, extra)
-    tracker = ProcessTracker()
+    from autosam_fl.guard import Guard
+
+    guard = Guard([flwr_home])  # stops the SuperLink tree and removes flwr_home even after a SIGKILL of this CLI
+    tracker = ProcessTracker(guard=guard)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     status, details, run_id = "unknown", "", None
     try:
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tracker.stop()
         shutil.rmtree(flwr_home, ignore_errors=True)
+        guard.close()
     summary = run_dir / "summary.json"
     if summary.is_file() and summary.stat().st_mtime >= t0:  # written by this run
         data = json.loads(summary.read_text())

@@ -128,6 +128,7 @@ class RobustAggregation:
         report.sent_to = {m.metadata.dst_node_id: self.site_of(m.metadata.dst_node_id) for m in messages}
         report.download_bytes = arrayrecord_nbytes(arrays)
         report.sent_at = time.monotonic()
+        self._messages = [(m, m.metadata.dst_node_id) for m in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -149,13 +150,16 @@ class RobustAggregation:
         contributors: list[tuple[str, dict[str, np.ndarray], float, dict]] = []
         alive = 0
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._reply_node(msg, report, replies)
             replied.add(node)
             if msg.has_error():
                 tagged, text = P.parse_site_error(msg.error.reason)
                 site = tagged or self.site_of(node)
                 if tagged:
                     self.node_sites.setdefault(node, tagged)
+                if "Node Unavailable" in text and report.sent_at is not None:
+                    text += (f" (the site's SuperNode stopped sending heartbeats; noticed "
+                             f"{time.monotonic() - report.sent_at:.0f} s into the round)")
                 report.failed[site] = text
                 log.error("round %d: site %s (node %d) failed: %s", g, site, node, text)
                 continue
@@ -212,6 +216,23 @@ class RobustAggregation:
             if all(key in c[3] for c in contributors):
                 agg[key] = float(sum(c[3][key] * c[2] for c in contributors) / total)
         return ArrayRecord({k: Array(v) for k, v in avg.items()}), agg
+
+    def _reply_node(self, msg: Message, report: "RoundReport", replies: list[Message]) -> int:
+        """The node a reply belongs to. Flower's own error replies (e.g. "Node Unavailable" for a node
+        that missed its heartbeats) come from the SuperLink, not the node: match them to the
+        instruction they answer (``reply_to_message_id``), else to the one node that did not reply."""
+        node = msg.metadata.src_node_id
+        if node in report.sent_to:
+            return node
+        for sent, dst in getattr(self, "_messages", []):
+            try:
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return dst
+            except Exception:  # noqa: BLE001 - metadata of a message not pushed yet
+                continue
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = [n for n in report.sent_to if n not in answered]
+        return missing[0] if len(missing) == 1 else node
 
     def _validate_reply(self, content) -> tuple[str | None, dict[str, np.ndarray] | None, MetricRecord | None]:
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
