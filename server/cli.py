@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    echo(f"[autosam] run folder {run_dir} (summary.json, server.log, flower.log, superlink.log)")
+    reads = [f"{r.name or r.dataset} ({r.dataset}{', split ' + r.split if r.split else ''}"
+             f"{', first ' + str(r.limit) if r.limit else ''})" for r in [*fed.evaluate, *fed.validation]]
+    echo(f"[autosam] the coordinator reads these datasets for central evaluation: {', '.join(reads) or 'none'}; "
+         "the sites: list of the YAML is not used in a deployment (each site brings its own YAML)")
     flwr_home = Path(tempfile.mkdtemp(prefix="autosam-server-flwr-"))
     extra = {}
     cache = resolve_cache_dir(fed, fed_path)
