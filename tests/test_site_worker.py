@@ -125,3 +125,30 @@ def test_probe_names_refused_and_bad_address(tmp_path):
         assert "HOST:PORT" in str(err)
     else:
         raise AssertionError("an address without a port was accepted")
+
+
+def test_clientapp_handles_in_process_without_a_site_worker(monkeypatch, tmp_path):
+    """Simulation path: no ``site-worker`` in the node config -> client.app handles the message here;
+    with one -> the message goes to the worker and its error text is raised as the reply's error."""
+    import pytest
+
+    from client import app as site_app
+    from client import entry
+    from client.worker import SiteWorker
+
+    seen = []
+    monkeypatch.setattr(site_app, "train", lambda msg, ctx: seen.append(ctx.node_id) or "in-process reply")
+    ctx = Context(run_id=3, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert entry.train(_message(1), ctx) == "in-process reply" and seen == [7]
+
+    worker = SiteWorker(tmp_path / "w", lambda kind, msg, c: (_ for _ in ()).throw(
+        RuntimeError("[site a] round 1: ValueError: no data"))).start()
+    try:
+        ctx = Context(run_id=3, node_id=7, node_config={"site-worker": worker.address, "site-id": "a"},
+                      state=RecordDict(), run_config={})
+        with pytest.raises(RuntimeError, match=r"^\[site a\] round 1: ValueError: no data$"):
+            entry.train(_message(1), ctx)
+    finally:
+        worker.close()
+    with pytest.raises(RuntimeError, match=r"^\[site a\] round 1: WorkerUnavailable: .*not reachable"):
+        entry.train(_message(1), ctx)
