@@ -1,4 +1,4 @@
-"""Flower ClientApp of one AutoSAM-FL site (``client.app:app``).
+"""The site side of AutoSAM-FL: the train/evaluate handlers behind the ClientApp (:mod:`client.entry`).
 
 For every train instruction the site loads the global trainable state into its AutoSam, trains
 ``local-epochs`` epochs on its private data (:class:`autosam_core.engine.SiteTrainer`) and replies
@@ -14,8 +14,9 @@ The model (SAM + g) is built once per process and cached in :data:`_MODELS` (key
 model config, so a simulation actor serving several sites holds one SAM); each site's
 :class:`SiteTrainer` (dataset + embedding cache) is cached in :data:`_SITES` keyed by the site YAML
 path. Every call loads the complete global state first, so sharing one model between the sites a
-simulation actor serves is exact. In a deployment each round runs in a fresh ClientApp process:
-the SAM embeddings are then reused from the on-disk cache.
+simulation actor serves is exact. In a deployment the handlers run in ``autosam-client``'s long-lived
+site worker (:mod:`client.worker`), so the model, the data and the embedding cache are loaded once
+per site and run, not once per message.
 
 DP sites (a ``privacy`` section in the site YAML) train with
 :class:`autosam_core.privacy.DPSiteTrainer`; their accountant ledger lives in the site's state
@@ -35,17 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 
-from . import protocol as P
+from autosam_fl import protocol as P
 from .audit import AuditViolation, ReplyAudit, Signature, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
 
-app = ClientApp()
+from .entry import app  # noqa: E402,F401  (the ClientApp component; ``client.app:app`` still names it)
+
+#: Show a progress bar per local epoch (set by ``autosam-client``'s site worker; off in simulation).
+PROGRESS = False
 
 _MODELS: dict[str, AutoSam] = {}
 _SITES: dict[str, "SiteRuntime"] = {}
@@ -178,14 +181,14 @@ def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
         # in the site's first DP round, and kept in the ledger).
         planned = site.privacy.planned_rounds or int(config.get(P.PLANNED_ROUNDS, 0)) or None
         trainer = DPSiteTrainer(model, site, state_dir=state_dir, cache_dir=None, base_dir=yaml_path.parent,
-                                progress=False, planned_rounds=planned)
+                                progress=PROGRESS, planned_rounds=planned)
         led = trainer.ledger
         log.info("site %s: DP ledger %s: %s", site.site_id, led.path,
                  f"{led.steps} steps already accounted, epsilon {trainer.spent_epsilon():.4g} at delta "
                  f"{site.privacy.delta:g} spent before this round (earlier rounds or runs)" if led.steps
                  else "new (nothing spent yet)")
     else:
-        trainer = SiteTrainer(model, site, cache_dir=None, base_dir=yaml_path.parent, progress=False)
+        trainer = SiteTrainer(model, site, cache_dir=None, base_dir=yaml_path.parent, progress=PROGRESS)
     audit = expected = None
     if audit_enabled(context.node_config, site.audit):
         audit = ReplyAudit(site.site_id, audit_dir(context.node_config, state_dir))
@@ -284,7 +287,21 @@ def _maybe_inject_fault(site_id: str, server_round: int) -> None:
             raise InjectedFault(f"injected fault ({P.FAULT_ENV}={spec}) at site {site_id} in round {server_round}")
 
 
-@app.train()
+def keep_only_model_of(config: ConfigRecord) -> int:
+    """Drop cached models and site runtimes of other model configs (a long-lived site serving a new run).
+
+    Returns:
+        how many cached models were dropped.
+    """
+    key = _model_key(config)[0]
+    stale = [k for k in _MODELS if k != key]
+    for k in stale:
+        del _MODELS[k]
+    for k in [k for k in _SITES if k.split("|", 1)[-1] != key]:
+        del _SITES[k]
+    return len(stale)
+
+
 def train(msg: Message, context: Context) -> Message:
     """Train on the site's data from the global state; reply with g/h state and metrics.
 
@@ -328,7 +345,6 @@ def train(msg: Message, context: Context) -> Message:
         raise reply_err from err
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated validation: Dice/IoU of the global model on the site's held-out split.
 

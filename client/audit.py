@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import protocol as P
+from autosam_fl import protocol as P
 
 log = logging.getLogger("autosam.client")
 

@@ -15,6 +15,19 @@ The SuperNode runs in the foreground; Ctrl-C / SIGTERM stops it and everything i
 Its node config carries ``site-config`` (absolute path of the site YAML), which the ClientApp reads.
 Only the trainable state (g/h) leaves the site; images, masks and SAM stay here.
 
+The site keeps SAM, g, its data and the embedding cache loaded for the whole run: Flower starts a
+fresh ClientApp process per message, which only forwards the message to this process's site worker
+(:mod:`client.worker`). The console shows a progress bar per local epoch and one line per round.
+Every process started here (SuperNode, SuperExec, ClientApp) is stopped when autosam-client ends,
+also when it is killed with SIGKILL (:mod:`autosam_fl.guard`), and its temporary folder is removed.
+
+Connection problems are named by cause before Flower starts (:mod:`autosam_fl.connect`): nothing
+listening (waits up to ``--max-wait-time``, default 300 s), TLS on one side only, a certificate not
+signed by ``--root-certificates``; after the handshake: a key the coordinator did not register
+(exit 3), or the previous connection of this site still active (the site waits up to 75 s and
+rejoins by itself). Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
+2 configuration error, 3 key not registered, 4 cannot connect.
+
 ``--audit`` checks every reply before it is sent (only g/h arrays of the expected keys and shapes,
 allow-listed numeric metrics, the site id and fixed-template status texts; :mod:`client.audit`)
 and writes ``audit-<site_id>.md`` (readable) and ``.json`` into ``--audit-dir`` (default: the
@@ -24,18 +37,22 @@ site's state folder). A reply that breaks a rule is not sent; the site reports a
 from __future__ import annotations
 
 import argparse
+import queue
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from autosam_core.config import ConfigError, SiteConfig, load_yaml_config
 
-from . import protocol as P
+from autosam_fl import protocol as P
 
-EXIT_CONFIG, EXIT_REFUSED = 2, 3
+EXIT_CONFIG, EXIT_REFUSED, EXIT_CONNECT = 2, 3, 4
+#: Default of --max-wait-time: how long a site waits for a coordinator that is not listening yet.
+DEFAULT_MAX_WAIT = 300.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +65,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--auth-key", default=None, help="this site's private key (OpenSSH ECDSA) for authentication")
     ap.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     ap.add_argument("--port", type=int, default=0, help="local port of the SuperNode's ClientApp API (0 = free port)")
-    ap.add_argument("--max-wait-time", type=float, default=None, help="give up connecting after this many seconds")
+    ap.add_argument("--max-wait-time", type=float, default=DEFAULT_MAX_WAIT,
+                    help=f"give up when the coordinator is not reachable after this many seconds (default "
+                    f"{DEFAULT_MAX_WAIT:.0f}); a wrong certificate or TLS setting fails at once")
+    ap.add_argument("--serve", action="store_true", help="keep serving the coordinator's next runs; by default "
+                    "the site exits 0 once the run it took part in has finished")
+    ap.add_argument("--verbose", action="store_true", help="echo all of Flower's SuperNode output")
     ap.add_argument("--audit", action="store_true", help="check every reply against the allow-list before it is "
                     "sent (a violation blocks it) and record what left the site in audit-<site_id>.md/.json")
     ap.add_argument("--audit-dir", default=None, help="folder of the audit report (default: the site's state "
@@ -64,7 +86,7 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
         training sample (names the file and the key).
     """
     from autosam_core.engine import split_validation
-    from server.preflight import resolve_ref
+    from autosam_fl.preflight import resolve_ref
 
     p = Path(path).expanduser().resolve()
     site = load_yaml_config(p, SiteConfig)
@@ -82,15 +104,94 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class _Stop(Exception):
+    """Leave the main loop (the return code is already set)."""
+
+
+class RoundConsole:
+    """The site worker's handler: runs each message through :mod:`client.app` and reports it.
+
+    Prints one line per train round (loss, local Dice, seconds, images) and per validation, and
+    notes when the run's last message was answered (``done_runs``), so the CLI can exit.
+    """
+
+    def __init__(self, site_id: str):
+        self.site_id = site_id
+        self.done_runs: set[int] = set()
+        self.handled = 0
+
+    def __call__(self, kind: str, msg, context):
+        """Handle one ``train``/``evaluate`` message; returns the reply's RecordDict."""
+        from client import app as site_app
+
+        config = msg.content[P.CONFIG]
+        rnd = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+        final = int(config.get(P.FINAL_ROUND, 0))
+        try:
+            dropped = site_app.keep_only_model_of(config)
+            if dropped:
+                print(f"[autosam] site {self.site_id}: new model configuration (run {context.run_id}); released the "
+                      "previous one", flush=True)
+        except Exception:  # noqa: BLE001 - the handler below reports a bad instruction with the site tag
+            pass
+        of = f"/{final}" if final else ""
+        if kind == "train":
+            print(f"[autosam] site {self.site_id}: round {rnd}{of}: training ...", flush=True)
+        t0 = time.time()
+        try:
+            reply = getattr(site_app, kind)(msg, context)
+        except Exception as err:
+            print(f"[autosam] site {self.site_id}: round {rnd}{of}: {kind} failed: {err}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            self.handled += 1
+            if final and rnd >= final and (kind == "evaluate" or not bool(config.get(P.FEDERATED_EVALUATE, True))):
+                self.done_runs.add(int(context.run_id))
+        m = reply.content.metric_records.get(P.METRICS)
+        if m is not None and kind == "train":
+            print(f"[autosam] site {self.site_id}: round {rnd}{of}: loss {float(m['train_loss']):.4f}, local Dice "
+                  f"{float(m['train_dice']):.4f}, {time.time() - t0:.0f} s, {int(m[P.NUM_EXAMPLES])} images"
+                  + (f", epsilon {float(m['epsilon']):.3g}" if "epsilon" in m else ""), flush=True)
+        elif m is not None:
+            print(f"[autosam] site {self.site_id}: round {rnd}{of}: validation Dice {float(m['val_dice']):.4f} on "
+                  f"{int(m[P.NUM_EXAMPLES])} held-out images", flush=True)
+        return reply.content
+
+
+def _connect_problem(args, ca: Path | None) -> "object | None":
+    """Probe the SuperLink until it answers or --max-wait-time passes; the last problem, or None."""
+    from autosam_fl.connect import probe_superlink
+
+    deadline = time.monotonic() + max(0.0, args.max_wait_time)
+    told = False
+    while True:
+        problem = probe_superlink(args.superlink, ca, args.insecure)
+        if problem is None or not problem.retry or time.monotonic() >= deadline:
+            return problem
+        if not told:
+            print(f"[autosam] {problem.message}; waiting up to {args.max_wait_time:.0f} s (--max-wait-time)",
+                  flush=True)
+            told = True
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-client`` (see module docstring)."""
     import tomli_w
 
-    from server.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
+    from autosam_fl.connect import ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, SENT, ConnectionMarker, \
+        marker_path, split_address
+    from autosam_fl.guard import Guard
+    from autosam_fl.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
+
+    from . import app as site_app
+    from .worker import SiteWorker
 
     args = _parse_args(argv)
+    ca = None
     try:
         site, site_path, n_train, n_val = check_site(args.site)
+        split_address(args.superlink)
         cmd_tls: list[str] = []
         if args.insecure:
             cmd_tls = ["--insecure"]
@@ -99,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             if not ca.is_file():
                 raise ConfigError(f"--root-certificates: CA certificate {ca} not found; get ca.crt from the "
                                   "coordinator (or pass --insecure for a test without TLS)")
-            cmd_tls = ["--root-certificates", str(ca.resolve())]
+            ca = ca.resolve()
+            cmd_tls = ["--root-certificates", str(ca)]
         if args.auth_key:
             key = Path(args.auth_key).expanduser()
             if not key.is_file():
@@ -115,61 +217,134 @@ def main(argv: list[str] | None = None) -> int:
             if audit_dir.exists() and not audit_dir.is_dir():
                 raise ConfigError(f"--audit-dir: {audit_dir} exists and is not a folder")
             audit_dir.mkdir(parents=True, exist_ok=True)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"[autosam] site {site.site_id}: {n_train} training images, {n_val} held out for validation; "
-          f"connecting to {args.superlink} ({'INSECURE' if args.insecure else 'TLS'})", flush=True)
+          f"connecting to {args.superlink} ({'INSECURE' if args.insecure else 'TLS, CA ' + str(ca)})", flush=True)
+    problem = _connect_problem(args, ca)
+    if problem is not None:
+        print(f"error: site {site.site_id}: {problem.message}", file=sys.stderr)
+        return EXIT_CONNECT
+    if args.audit or site.audit:
+        folder = audit_dir or site_app.site_state_dir(site, site_path)
+        print(f"[autosam] site {site.site_id}: reply audit on: report {folder / f'audit-{site.site_id}.md'} "
+              "(and .json)", flush=True)
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     flwr_home = Path(tempfile.mkdtemp(prefix=f"autosam-site-{site.site_id}-"))
-    node_cfg = flwr_home / "node_config.toml"
-    node_values: dict = {P.NODE_SITE_CONFIG: str(site_path)}
+    guard = Guard([flwr_home])
+    tracker = ProcessTracker(guard=guard)
+    console = RoundConsole(site.site_id)
+    site_app.PROGRESS = True
+    worker = SiteWorker(flwr_home / "worker", console).start()
+    node_values: dict = {P.NODE_SITE_CONFIG: str(site_path), P.NODE_SITE_WORKER: worker.address,
+                         P.NODE_SITE_ID: site.site_id}
     if args.audit:
         node_values[P.NODE_AUDIT] = True
         if audit_dir is not None:
             node_values[P.NODE_AUDIT_DIR] = str(audit_dir)
-        print(f"[autosam] site {site.site_id}: reply audit on (report audit-{site.site_id}.md in "
-              f"{audit_dir or 'the site state folder'})", flush=True)
+    node_cfg = flwr_home / "node_config.toml"
     node_cfg.write_text(tomli_w.dumps(node_values))
     cmd = [flower_bin("flower-supernode"), "--superlink", args.superlink, *cmd_tls,
            "--node-config", str(node_cfg), "--port", str(args.port or free_port())]
     if args.max_wait_time:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
-    tracker = ProcessTracker()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    refused = threading.Event()
-
-    def pump(stream) -> None:
-        # Flower's children inherit the pipe, so EOF may come long after the SuperNode exits:
-        # read in a thread and wait for the SuperNode process itself.
-        try:
-            for line in stream:
-                print(line, end="", flush=True)
-                if "Failed to activate SuperNode" in line or "Exit Code: 305" in line:
-                    refused.set()
-        except (ValueError, OSError):  # the pipe was closed by tracker.stop()
-            pass
-
+    state_dir = site_app.site_state_dir(site, site_path)
+    marker = ConnectionMarker(marker_path(state_dir, site.site_id, Path(args.auth_key)) if args.auth_key
+                              else flwr_home / "connection.json", args.superlink)
+    owner = marker.live_owner()
+    refused = finished = waited = False
+    rc = 0
     try:
-        proc = tracker.popen("flower-supernode", cmd, env=flower_env(flwr_home), pipe=True)
-        reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
-        reader.start()
-        rc = proc.wait()
-        reader.join(timeout=2)
+        if owner is not None:
+            print(f"error: site {site.site_id}: another autosam-client (pid {owner}) is connected to {args.superlink} "
+                  f"with this key ({marker.path}); stop it first", file=sys.stderr)
+            rc = EXIT_CONNECT
+            raise _Stop
+        while True:
+            events: queue.Queue = queue.Queue()
+            proc = tracker.popen("flower-supernode", cmd, env=flower_env(flwr_home), pipe=True)
+            reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose), daemon=True)
+            reader.start()
+            activation_failed = connected = False
+            next_beat = 0.0
+            while proc.poll() is None or not events.empty():
+                if connected and time.monotonic() >= next_beat:
+                    marker.beat()
+                    next_beat = time.monotonic() + 5.0
+                try:
+                    what = events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if what == CONNECTED:
+                    connected = True
+                    print(f"[autosam] site {site.site_id}: connected to {args.superlink}; waiting for the "
+                          "coordinator's rounds (Ctrl-C stops this site)", flush=True)
+                elif what == ACTIVATION_FAILED:
+                    activation_failed = True
+                elif what == SENT and console.done_runs and not args.serve and not finished:
+                    finished = True
+                    print(f"[autosam] site {site.site_id}: run {max(console.done_runs)} finished; last reply sent. "
+                          "Stopping (use --serve to keep serving the next runs)", flush=True)
+                    tracker.stop()
+            rc = 0 if finished else proc.returncode
+            if connected and (finished or proc.returncode == 0):
+                marker.clear()  # the SuperNode exited cleanly and signed off (deactivated its node)
+            if activation_failed:
+                wait = marker.release_in()
+                if wait is None:
+                    refused = True
+                else:
+                    waited = True
+                    print(f"[autosam] site {site.site_id}: the previous connection of this site is still active on "
+                          f"the SuperLink (it stopped without signing off; Flower releases it after "
+                          f"{NODE_RELEASE_SECONDS} s without heartbeats); retrying in {wait:.0f} s", flush=True)
+                    tracker.stop()
+                    time.sleep(wait)
+                    tracker = ProcessTracker(guard=guard)
+                    continue
+            break
     except FlowerProcessError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        rc = 1
     except KeyboardInterrupt:
         print(f"[autosam] site {site.site_id}: stopping", flush=True)
         rc = 0
+    except _Stop:
+        pass
     finally:
         tracker.stop()
+        worker.close()
         shutil.rmtree(flwr_home, ignore_errors=True)
-    if refused.is_set():
-        print(f"error: the SuperLink refused site {site.site_id}: its key is not registered (or no key was given). "
-              f"Ask the coordinator to run autosam-server ... --site-key {site.site_id}=<{site.site_id}.pub> and "
-              "start this site with --auth-key <private key>.", file=sys.stderr)
+        guard.close()
+    if refused:
+        extra = (" (it was refused again after waiting for the previous connection to be released)" if waited else "")
+        print(f"error: the SuperLink at {args.superlink} refused site {site.site_id}: its key is not registered{extra}. "
+              f"Ask the coordinator to run autosam-server ... --site-key {site.site_id}=<{site.site_id}.pub> and start "
+              "this site with --auth-key <its private key>.", file=sys.stderr)
         return EXIT_REFUSED
     return rc
+
+
+def _pump(stream, events: queue.Queue, verbose: bool) -> None:
+    """Echo the SuperNode's output (all of it with --verbose, else warnings/errors) and classify it."""
+    from autosam_fl.connect import classify_supernode_line
+
+    # Flower's children inherit the pipe, so EOF may come long after the SuperNode exits: read in a
+    # thread and wait for the SuperNode process itself.
+    try:
+        for line in stream:
+            what = classify_supernode_line(line)
+            if what:
+                events.put(what)
+            if verbose or "ERROR" in line or "WARNING" in line or "Traceback" in line:
+                print(line, end="", flush=True)
+    except (ValueError, OSError):  # the pipe was closed by tracker.stop()
+        pass
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from autosam_core.config import ConfigError
 
-from client import protocol as P
+from autosam_fl import protocol as P
 
 from .runner import FederatedServer, parse_node_sites
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from autosam_core.config import ConfigError
 
-from .preflight import check_validation, load_federation
-from .processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
+from autosam_fl.preflight import check_validation, load_federation
+from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
                         start_superlink, submit_run, write_connection)
 from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
 
@@ -159,13 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    echo(f"[autosam] run folder {run_dir} (summary.json, server.log, flower.log, superlink.log)")
+    reads = [f"{r.name or r.dataset} ({r.dataset}{', split ' + r.split if r.split else ''}"
+             f"{', first ' + str(r.limit) if r.limit else ''})" for r in [*fed.evaluate, *fed.validation]]
+    echo(f"[autosam] the coordinator reads these datasets for central evaluation: {', '.join(reads) or 'none'}; "
+         "the sites: list of the YAML is not used in a deployment (each site brings its own YAML)")
     flwr_home = Path(tempfile.mkdtemp(prefix="autosam-server-flwr-"))
     extra = {}
     cache = resolve_cache_dir(fed, fed_path)
     if cache is not None:
         extra["AUTOSAM_CACHE"] = str(cache)
     env = flower_env(flwr_home, extra)
-    tracker = ProcessTracker()
+    from autosam_fl.guard import Guard
+
+    guard = Guard([flwr_home])  # stops the SuperLink tree and removes flwr_home even after a SIGKILL of this CLI
+    tracker = ProcessTracker(guard=guard)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     status, details, run_id = "unknown", "", None
     try:
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tracker.stop()
         shutil.rmtree(flwr_home, ignore_errors=True)
+        guard.close()
     summary = run_dir / "summary.json"
     if summary.is_file() and summary.stat().st_mtime >= t0:  # written by this run
         data = json.loads(summary.read_text())

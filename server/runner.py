@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from autosam_core.config import ConfigError, FederationConfig, config_hash, load_yaml_config
 
-from client import protocol as P
+from autosam_fl import protocol as P
 
 from . import outputs
 from .strategy import MinSitesError, build_strategy
@@ -278,6 +278,7 @@ class FederatedServer:
             P.SAM_KIND: fed.sam.kind, P.SAM_CHECKPOINT: fed.sam.checkpoint or "",
             P.MODEL_CONFIG: json.dumps(fed.model.model_dump()), P.SEED: int(fed.seed),
             P.LOCAL_EPOCHS: self.local_epochs, P.DP: bool(self.dp), P.PLANNED_ROUNDS: int(fed.rounds),
+            P.FINAL_ROUND: int(fed.rounds), P.FEDERATED_EVALUATE: not fed.validation,
         })
 
     def _execute(self, grid: Grid) -> None:

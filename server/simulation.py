@@ -35,8 +35,8 @@ from pathlib import Path
 
 from autosam_core.config import ConfigError
 
-from .preflight import available_cpus, check_client_resources, check_sites, check_validation, load_federation
-from .processes import (FlowerProcessError, ProcessTracker, flower_env, free_port, run_status, start_superlink,
+from autosam_fl.preflight import available_cpus, check_client_resources, check_sites, check_validation, load_federation
+from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_env, free_port, run_status, start_superlink,
                         submit_run, write_connection)
 from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
 

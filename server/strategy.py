@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from client import protocol as P
+from autosam_fl import protocol as P
 
 from .aggregation import TRAINABLE_PREFIXES, check_num_examples, check_state, weighted_average
 
@@ -45,6 +45,7 @@ class RoundReport:
     aggregated: bool = False
     download_bytes: int = 0
     started: float = field(default_factory=time.time)
+    sent_at: float | None = None  # time.monotonic() when the train instructions were sent
     validation: dict | None = None
 
 
@@ -56,6 +57,15 @@ def arrayrecord_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def arrayrecord_nbytes(record: ArrayRecord) -> int:
     """Serialized size of an ArrayRecord's arrays in bytes (what crosses the network, before gRPC framing)."""
     return int(sum(len(v.data) for v in record.values()))
+
+
+def no_reply_text(elapsed: float | None, round_timeout: float) -> str:
+    """Why a site sent no train reply: its connection was lost (heartbeats stopped) or the round timed out."""
+    if elapsed is not None and elapsed < round_timeout - 5:
+        return (f"no reply: the site's connection was lost {elapsed:.0f} s into the round (its SuperNode stopped "
+                f"sending heartbeats: the site process was stopped or its network failed); round_timeout "
+                f"{round_timeout:.0f} s was not reached")
+    return f"no reply within round_timeout = {round_timeout:.0f} s"
 
 
 class RobustAggregation:
@@ -117,6 +127,8 @@ class RobustAggregation:
         report = self.reports[server_round] = RoundReport(server_round)
         report.sent_to = {m.metadata.dst_node_id: self.site_of(m.metadata.dst_node_id) for m in messages}
         report.download_bytes = arrayrecord_nbytes(arrays)
+        report.sent_at = time.monotonic()
+        self._messages = [(m, m.metadata.dst_node_id) for m in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -138,13 +150,16 @@ class RobustAggregation:
         contributors: list[tuple[str, dict[str, np.ndarray], float, dict]] = []
         alive = 0
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._reply_node(msg, report, replies)
             replied.add(node)
             if msg.has_error():
                 tagged, text = P.parse_site_error(msg.error.reason)
                 site = tagged or self.site_of(node)
                 if tagged:
                     self.node_sites.setdefault(node, tagged)
+                if "Node Unavailable" in text and report.sent_at is not None:
+                    text += (f" (the site's SuperNode stopped sending heartbeats; noticed "
+                             f"{time.monotonic() - report.sent_at:.0f} s into the round)")
                 report.failed[site] = text
                 log.error("round %d: site %s (node %d) failed: %s", g, site, node, text)
                 continue
@@ -179,11 +194,11 @@ class RobustAggregation:
                             why or "no reason given")
                 continue
             contributors.append((site, state, n, info))
+        elapsed = time.monotonic() - report.sent_at if report.sent_at is not None else None
         for node in set(report.sent_to) - replied:
             site = self.site_of(node)
-            report.failed[site] = f"no reply within round_timeout = {self.round_timeout:.0f} s"
-            log.error("round %d: site %s (node %d) sent no reply within %.0f s", g, site, node,
-                      self.round_timeout)
+            report.failed[site] = no_reply_text(elapsed, self.round_timeout)
+            log.error("round %d: site %s (node %d): %s", g, site, node, report.failed[site])
         if alive < self.min_sites:
             failed = "; ".join(f"{s}: {t}" for s, t in report.failed.items()) or "none"
             raise MinSitesError(
@@ -201,6 +216,23 @@ class RobustAggregation:
             if all(key in c[3] for c in contributors):
                 agg[key] = float(sum(c[3][key] * c[2] for c in contributors) / total)
         return ArrayRecord({k: Array(v) for k, v in avg.items()}), agg
+
+    def _reply_node(self, msg: Message, report: "RoundReport", replies: list[Message]) -> int:
+        """The node a reply belongs to. Flower's own error replies (e.g. "Node Unavailable" for a node
+        that missed its heartbeats) come from the SuperLink, not the node: match them to the
+        instruction they answer (``reply_to_message_id``), else to the one node that did not reply."""
+        node = msg.metadata.src_node_id
+        if node in report.sent_to:
+            return node
+        for sent, dst in getattr(self, "_messages", []):
+            try:
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return dst
+            except Exception:  # noqa: BLE001 - metadata of a message not pushed yet
+                continue
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = [n for n in report.sent_to if n not in answered]
+        return missing[0] if len(missing) == 1 else node
 
     def _validate_reply(self, content) -> tuple[str | None, dict[str, np.ndarray] | None, MetricRecord | None]:
         if len(content.array_records) != 1 or len(content.metric_records) != 1:

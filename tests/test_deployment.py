@@ -82,7 +82,8 @@ def test_tls_deployment_two_sites_and_refused_rogue(tmp_path):
         assert rogue_rc == 3, "".join(outs["rogue"])[-2000:]
         rc = server.wait(timeout=max(10, 175 - (time.time() - t0)))
         text = "".join(server_out)
-        assert rc == 0, text[-4000:]
+        sites_text = "".join(f"--- {k}:\n{''.join(v)[-1500:]}\n" for k, v in outs.items())
+        assert rc == 0, text[-4000:] + sites_text
         summary = json.loads((tmp_path / "runs" / "fedtest" / "summary.json").read_text())
         assert summary["status"] == "completed"
         assert summary["rounds_completed"] == 2

@@ -1,0 +1,205 @@
+"""Why can a site not connect? One probe, one message per cause (before any Flower process starts).
+
+A SuperNode that cannot connect retries silently (or, with site authentication, exits with a single
+generic code), so ``autosam-client`` first opens one TCP connection and, for TLS, one handshake to
+the SuperLink itself and names the cause:
+
+- nothing listens at HOST:PORT (:data:`REFUSED`, worth waiting for: the coordinator may start later),
+- the host name does not resolve or the port cannot be reached (:data:`UNREACHABLE`),
+- the coordinator speaks TLS but the site was started with ``--insecure`` (:data:`SPEAKS_TLS`),
+- the coordinator speaks plain text but the site expects TLS (:data:`NO_TLS`),
+- the SuperLink's certificate is not signed by the given CA file, or is not valid for HOST
+  (:data:`CERT_FAILED`), or the CA file is not a PEM certificate (:data:`BAD_CA`).
+
+After the handshake the SuperLink may refuse to activate the node; Flower 1.42 gives the same answer
+(``[code: 2004] Failed to activate SuperNode``) for a key it does not know and for a key whose
+previous connection is still marked online (a SuperNode killed without signing off stays online
+until it misses 2 heartbeats, up to 60 s). :class:`ConnectionMarker` tells the two apart: a
+connected site records its node and a timestamp every few seconds in its state folder and clears it
+when it signs off; a refusal within 60 s of a recorded heartbeat is the stale connection (wait and
+retry), any other refusal is an unregistered key.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
+    "refused", "unreachable", "speaks-tls", "no-tls", "cert-failed", "bad-ca")
+
+#: Flower frees a node that stopped without saying goodbye after HEARTBEAT_PATIENCE (2) missed
+#: heartbeats of HEARTBEAT_DEFAULT_INTERVAL (30 s), i.e. up to 60 s after its last heartbeat.
+NODE_RELEASE_SECONDS = 60
+
+ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
+
+
+@dataclass
+class Problem:
+    """A connection problem: its cause (one of the constants above) and the operator's message."""
+
+    cause: str
+    message: str
+
+    @property
+    def retry(self) -> bool:
+        """True for causes worth waiting for (the coordinator has not started yet)."""
+        return self.cause == REFUSED
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port).
+
+    Raises:
+        ValueError: no port, or the port is not a number (the message names the address).
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--superlink {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
+    return host.strip("[]"), int(port)
+
+
+def probe_superlink(address: str, ca_file: Path | None, insecure: bool, timeout: float = 5.0) -> Problem | None:
+    """Connect once to the SuperLink at ``address`` and check the transport; None when all is well.
+
+    Args:
+        address: ``HOST:PORT`` of the SuperLink (as given to the SuperNode).
+        ca_file: CA certificate the site trusts (ignored with ``insecure``).
+        insecure: the site will connect without TLS.
+    """
+    host, port = split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return Problem(REFUSED, f"nothing listens at {host}:{port} (connection refused): the coordinator's "
+                                "autosam-server is not running yet, or the host/port is wrong")
+    except socket.gaierror as err:
+        return Problem(UNREACHABLE, f"cannot resolve the SuperLink host {host!r} ({err}); check --superlink")
+    except OSError as err:
+        return Problem(UNREACHABLE, f"cannot reach {host}:{port} ({type(err).__name__}: {err}); check --superlink, "
+                                    "the network and the coordinator's firewall")
+    with sock:
+        if insecure:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            try:
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    pass
+            except (ssl.SSLError, OSError):
+                return None  # not TLS: plain text, as --insecure expects
+            return Problem(SPEAKS_TLS, f"the coordinator at {host}:{port} speaks TLS but this site was started with "
+                                       "--insecure; drop --insecure and pass --root-certificates <the coordinator's "
+                                       "ca.crt>")
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, OSError, ValueError) as err:
+            return Problem(BAD_CA, f"--root-certificates {ca_file}: not a readable PEM CA certificate ({err}); "
+                                   "use the ca.crt the coordinator created with `python -m server.certs`")
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as err:
+            why = getattr(err, "verify_message", "") or str(err)
+            if "hostname" in why.lower() or "ip address mismatch" in why.lower():
+                return Problem(CERT_FAILED, f"certificate verification failed: the SuperLink's certificate at "
+                                            f"{host}:{port} is not valid for {host!r} ({why}); connect with the name "
+                                            "the certificate was made for, or ask the coordinator to add it "
+                                            "(`python -m server.certs --san <host>`)")
+            return Problem(CERT_FAILED, f"certificate verification failed: the SuperLink's certificate at {host}:{port} "
+                                        f"is not signed by the CA in {ca_file} ({why}); get the coordinator's ca.crt "
+                                        "and pass it with --root-certificates")
+        except (ssl.SSLError, ConnectionResetError, OSError) as err:
+            return Problem(NO_TLS, f"the coordinator at {host}:{port} does not speak TLS (handshake failed: {err}); "
+                                   "it was probably started with --insecure: ask the coordinator to start "
+                                   "autosam-server with --certs, or (tests only) start this site with --insecure")
+
+
+def classify_supernode_line(line: str) -> str | None:
+    """What a line of ``flower-supernode`` output means for the operator (None: nothing special)."""
+    if "Failed to activate SuperNode" in line or "No SuperNode found with the given public key" in line \
+            or "could not be activated" in line:
+        return ACTIVATION_FAILED
+    if "SuperNode ID:" in line:
+        return CONNECTED
+    if "Sent successfully" in line:
+        return SENT
+    return None
+
+
+class ConnectionMarker:
+    """``<state dir>/connection-<site>.json``: this site's live connection (see module docstring).
+
+    One marker per site and key (:func:`marker_path`), so a different key never waits for it.
+
+    Args:
+        path: the marker file.
+        superlink: ``HOST:PORT`` the site connects to (a marker of another SuperLink is ignored).
+    """
+
+    def __init__(self, path: Path, superlink: str):
+        self.path, self.superlink = Path(path), superlink
+
+    def beat(self, node_id: int | None = None) -> None:
+        """Record that the connection is alive now (atomic write)."""
+        import json
+        import os
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"superlink": self.superlink, "node_id": node_id, "alive_at": time.time(),
+                                   "pid": os.getpid()}))
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        """The site signed off (its SuperNode deactivated the node): forget the connection."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def live_owner(self) -> int | None:
+        """PID of another running process that holds this connection now (a second autosam-client), else None."""
+        import json
+        import os
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        pid = int(data.get("pid", 0))
+        if data.get("superlink") != self.superlink or pid in (0, os.getpid()):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def release_in(self) -> float | None:
+        """Seconds until the SuperLink releases the previous connection; None if there is none to wait for."""
+        import json
+        import time
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if data.get("superlink") != self.superlink:
+            return None
+        left = float(data.get("alive_at", 0)) + NODE_RELEASE_SECONDS + 5 - time.time()
+        return left if left > 0 else None
+
+
+def marker_path(state_dir: Path, site_id: str, key_file: Path) -> Path:
+    """``<state dir>/connection-<site>-<first 12 hex of the key file's SHA-256>.json``."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(key_file).read_bytes()).hexdigest()[:12]
+    return Path(state_dir) / f"connection-{site_id}-{digest}.json"

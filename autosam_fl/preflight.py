@@ -1,0 +1,162 @@
+"""Checks done before any Flower process starts: federation and site YAMLs, data, resources.
+
+Every failure raises :class:`autosam_core.config.ConfigError` whose message names the file, the key
+and the fix, so a bad setup fails in seconds instead of in round 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from autosam_core.config import ConfigError, DataRef, FederationConfig, SiteConfig, load_yaml_config
+
+
+@dataclass
+class SiteSummary:
+    """A validated site: its YAML, config and sample counts (training and held-out validation)."""
+
+    yaml_path: Path
+    config: SiteConfig
+    num_train: int
+    num_val: int
+    train_keys: set[tuple[str, str]]
+
+
+def load_federation(path: str | Path) -> tuple[FederationConfig, Path]:
+    """Load and validate a federation YAML; returns (config, absolute path).
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key or wrong type (names file and key).
+    """
+    p = Path(path).expanduser().resolve()
+    return load_yaml_config(p, FederationConfig), p
+
+
+def site_yaml_paths(fed: FederationConfig, fed_path: Path) -> list[Path]:
+    """Absolute paths of the federation's site YAMLs (relative entries are relative to ``fed_path``'s folder)."""
+    out = []
+    for s in fed.sites:
+        p = Path(s).expanduser()
+        out.append((p if p.is_absolute() else fed_path.parent / p).resolve())
+    return out
+
+
+def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str):
+    """Image/mask pairs of ``ref``, with errors naming ``where`` (a file) and ``key``.
+
+    Raises:
+        ConfigError: dataset folder missing (key ``<key>.dataset``), split file missing
+        (``<key>.split``) or no usable pair (``<key>``).
+    """
+    from autosam_core.engine import resolve_dataset_dir, resolve_pairs
+
+    try:
+        resolve_dataset_dir(ref, base_dir)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: key '{key}.dataset': {err}") from None
+    try:
+        return resolve_pairs(ref, base_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{where}: key '{key}.split': {err}; fix the split name or remove it") from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: key '{key}': {err}; point it at a split with image/mask pairs") from None
+
+
+def _pair_keys(pairs) -> set[tuple[str, str]]:
+    return {(str(Path(p.image_path).resolve().parent.parent), p.stem) for p in pairs}
+
+
+def check_sites(fed: FederationConfig, fed_path: Path) -> list[SiteSummary]:
+    """Validate every site YAML of a federation and its data.
+
+    Raises:
+        ConfigError: bad site YAML (file + key), missing dataset folder, missing split, empty
+        training split (also after the validation hold-out), duplicate ``site_id``, fewer sites
+        than ``min_sites``, or DP (``privacy``) on some sites but not all.
+    """
+    from autosam_core.engine import split_validation
+
+    paths = site_yaml_paths(fed, fed_path)
+    if len(paths) < fed.min_sites:
+        raise ConfigError(f"{fed_path}: key 'min_sites' is {fed.min_sites} but key 'sites' lists only {len(paths)} "
+                          f"site(s); list more sites or lower min_sites")
+    out: list[SiteSummary] = []
+    seen: dict[str, Path] = {}
+    for i, p in enumerate(paths):
+        if not p.is_file():
+            raise ConfigError(f"{fed_path}: key 'sites.{i}': site YAML {p} does not exist; fix the path "
+                              "(relative paths are relative to the federation YAML)")
+        site = load_yaml_config(p, SiteConfig)
+        if site.site_id in seen:
+            raise ConfigError(f"{p}: key 'site_id': {site.site_id!r} is also used by {seen[site.site_id]}; "
+                              "every site needs its own site_id")
+        seen[site.site_id] = p
+        pairs = resolve_ref(site.data, p.parent, str(p), "data")
+        train, val = split_validation(pairs, site.val_fraction, seed=0)
+        if not train:
+            raise ConfigError(f"{p}: key 'val_fraction': holding out {site.val_fraction} of {len(pairs)} pairs "
+                              "leaves no training sample; lower val_fraction or add data")
+        out.append(SiteSummary(p, site, len(train), len(val), _pair_keys(train)))
+    from autosam_core.privacy import require_uniform_privacy
+
+    try:
+        require_uniform_privacy([s.config for s in out])
+    except ConfigError as err:
+        raise ConfigError(f"{fed_path}: key 'sites': {err}") from None
+    return out
+
+
+def check_validation(fed: FederationConfig, fed_path: Path, sites: list[SiteSummary] | None = None) -> None:
+    """The central validation splits must be disjoint from the test benchmarks and the sites' training data.
+
+    Raises:
+        ConfigError: a validation entry names a ``*test*`` split, or shares images with an
+        ``evaluate`` benchmark or with a site's training pairs (names the entry, the other side and
+        an example stem).
+    """
+    base = fed_path.parent
+    tests = {r.label: _pair_keys(resolve_ref(r, base, str(fed_path), f"evaluate.{i}"))
+             for i, r in enumerate(fed.evaluate)}
+    for i, ref in enumerate(fed.validation):
+        if ref.split and "test" in ref.split.lower():
+            raise ConfigError(f"{fed_path}: key 'validation.{i}.split': {ref.split!r} is a test split; the best "
+                              "model must be chosen on a validation split, never on a test split")
+        keys = _pair_keys(resolve_ref(ref, base, str(fed_path), f"validation.{i}"))
+        for label, tk in tests.items():
+            common = keys & tk
+            if common:
+                raise ConfigError(
+                    f"{fed_path}: key 'validation.{i}': {len(common)} image(s) of {ref.label} are also in the test "
+                    f"benchmark {label} (e.g. {sorted(common)[0][1]}); choose a disjoint validation split")
+        for s in sites or []:
+            common = keys & s.train_keys
+            if common:
+                raise ConfigError(
+                    f"{fed_path}: key 'validation.{i}': {len(common)} image(s) of {ref.label} are in the training "
+                    f"data of site {s.config.site_id} ({s.yaml_path}, e.g. {sorted(common)[0][1]}); choose a "
+                    "disjoint validation split")
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def check_client_resources(fed: FederationConfig, fed_path: Path) -> None:
+    """A simulated site must ask for a whole number of CPU cores, no more than the machine has.
+
+    Raises:
+        ConfigError: ``client_cpus`` is fractional or exceeds the available cores (names both numbers).
+    """
+    cores = available_cpus()
+    if fed.client_cpus != int(fed.client_cpus):
+        raise ConfigError(f"{fed_path}: key 'client_cpus': Flower 1.42's simulation takes whole CPU cores per site, "
+                          f"found {fed.client_cpus:g}; use {max(1, round(fed.client_cpus))}")
+    if fed.client_cpus > cores:
+        raise ConfigError(f"{fed_path}: key 'client_cpus': each simulated site asks for {fed.client_cpus:g} CPU "
+                          f"cores but this machine has {cores}; set client_cpus <= {cores}")

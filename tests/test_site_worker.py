@@ -1,0 +1,154 @@
+"""The site worker, the guard and the connection marker in isolation (no Flower processes, no training)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+
+
+def _message(rnd: int) -> Message:
+    meta = Metadata(run_id=3, message_id=f"m{rnd}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                          "n": Array(np.array(4, dtype=np.int64))})
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}), metadata=meta)
+
+
+def test_worker_round_trip_keeps_state_and_carries_errors(tmp_path):
+    from client.worker import SiteWorker, WorkerUnavailable, call_worker
+
+    calls = []
+
+    def handler(kind, msg, ctx):
+        calls.append((kind, ctx.node_config["site-config"], os.getpid()))
+        if msg.content["config"]["server-round"] == 2:
+            raise RuntimeError("[site a] round 2: ValueError: boom")
+        w = msg.content["arrays"]["w"].numpy()
+        return RecordDict({"arrays": ArrayRecord({"w": Array(w * 2)}), "metrics": MetricRecord({"num-examples": 5})})
+
+    worker = SiteWorker(tmp_path / "w", handler).start()
+    ctx = Context(run_id=3, node_id=7, node_config={"site-config": "/x/site.yaml"}, state=RecordDict(), run_config={})
+    try:
+        assert oct(os.stat(tmp_path / "w").st_mode & 0o777) == "0o700"
+        assert oct(os.stat(tmp_path / "w" / "worker.key").st_mode & 0o777) == "0o600"
+        status, content = call_worker(worker.address, "train", _message(1), ctx)
+        assert status == "ok"
+        np.testing.assert_array_equal(content["arrays"]["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3) * 2)
+        assert int(content["metrics"]["num-examples"]) == 5
+        reply = Message(content, reply_to=_message(1))
+        assert reply.metadata.reply_to_message_id == "m1"
+        assert call_worker(worker.address, "evaluate", _message(2), ctx) == ("error", "[site a] round 2: ValueError: boom")
+        # Every call ran in this (the worker's) process, in order.
+        assert calls == [("train", "/x/site.yaml", os.getpid()), ("evaluate", "/x/site.yaml", os.getpid())]
+    finally:
+        worker.close()
+    try:
+        call_worker(worker.address, "train", _message(3), ctx)
+    except WorkerUnavailable as err:
+        assert worker.address in str(err) and "autosam-client" in str(err)
+    else:
+        raise AssertionError("a closed worker answered")
+
+
+def test_guard_stops_groups_and_removes_folders_when_its_owner_dies(tmp_path):
+    # The owner (a child Python) starts a guard and a process group, then is SIGKILLed.
+    folder = tmp_path / "flwr_home"
+    folder.mkdir()
+    (folder / "f.txt").write_text("x")
+    script = (
+        "import subprocess, sys, time\n"
+        "from autosam_fl.guard import Guard\n"
+        f"g = Guard([__import__('pathlib').Path({str(folder)!r})])\n"
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "g.watch_group(p.pid)\n"
+        "print(p.pid, g.proc.pid, flush=True)\n"
+        "time.sleep(300)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    sleeper, guard = map(int, owner.stdout.readline().split())
+    assert Path(f"/proc/{sleeper}").exists()
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(timeout=10)
+    deadline = time.time() + 20
+    while time.time() < deadline and (Path(f"/proc/{sleeper}").exists() or folder.exists()):
+        time.sleep(0.1)
+    gone = not Path(f"/proc/{sleeper}").exists() or Path(f"/proc/{sleeper}/stat").read_text().split(") ")[1][0] == "Z"
+    assert gone, f"sleep {sleeper} survived its owner"
+    assert not folder.exists()
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{guard}").exists() and \
+            Path(f"/proc/{guard}/stat").read_text().split(") ")[1][0] != "Z":
+        time.sleep(0.1)
+    assert not Path(f"/proc/{guard}").exists() or Path(f"/proc/{guard}/stat").read_text().split(") ")[1][0] == "Z"
+
+
+def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, ConnectionMarker,
+                                    classify_supernode_line, marker_path)
+
+    key = tmp_path / "site_a"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n")
+    path = marker_path(tmp_path / "state", "site_a", key)
+    assert path.name.startswith("connection-site_a-") and len(path.stem.split("-")[-1]) == 12
+    marker = ConnectionMarker(path, "127.0.0.1:9092")
+    assert marker.release_in() is None  # never connected: a refusal means the key is unknown
+    marker.beat()
+    left = marker.release_in()
+    assert NODE_RELEASE_SECONDS < left <= NODE_RELEASE_SECONDS + 5
+    assert marker.live_owner() is None  # written by this very process
+    assert ConnectionMarker(path, "10.0.0.1:9092").release_in() is None  # another SuperLink
+    marker.clear()
+    assert not path.exists() and marker.release_in() is None
+    assert classify_supernode_line("[code: 2004] Failed to activate SuperNode.") == ACTIVATION_FAILED
+    assert classify_supernode_line("INFO :      SuperNode ID: 123") == CONNECTED
+    assert classify_supernode_line("INFO :      Received: train message") is None
+
+
+def test_probe_names_refused_and_bad_address(tmp_path):
+    from autosam_fl.connect import REFUSED, probe_superlink, split_address
+    from autosam_fl.processes import free_port
+
+    port = free_port()
+    problem = probe_superlink(f"127.0.0.1:{port}", None, insecure=True)
+    assert problem.cause == REFUSED and problem.retry and f"127.0.0.1:{port}" in problem.message
+    assert split_address("[::1]:9092") == ("::1", 9092)
+    try:
+        split_address("coordinator.example.org")
+    except ValueError as err:
+        assert "HOST:PORT" in str(err)
+    else:
+        raise AssertionError("an address without a port was accepted")
+
+
+def test_clientapp_handles_in_process_without_a_site_worker(monkeypatch, tmp_path):
+    """Simulation path: no ``site-worker`` in the node config -> client.app handles the message here;
+    with one -> the message goes to the worker and its error text is raised as the reply's error."""
+    import pytest
+
+    from client import app as site_app
+    from client import entry
+    from client.worker import SiteWorker
+
+    seen = []
+    monkeypatch.setattr(site_app, "train", lambda msg, ctx: seen.append(ctx.node_id) or "in-process reply")
+    ctx = Context(run_id=3, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert entry.train(_message(1), ctx) == "in-process reply" and seen == [7]
+
+    worker = SiteWorker(tmp_path / "w", lambda kind, msg, c: (_ for _ in ()).throw(
+        RuntimeError("[site a] round 1: ValueError: no data"))).start()
+    try:
+        ctx = Context(run_id=3, node_id=7, node_config={"site-worker": worker.address, "site-id": "a"},
+                      state=RecordDict(), run_config={})
+        with pytest.raises(RuntimeError, match=r"^\[site a\] round 1: ValueError: no data$"):
+            entry.train(_message(1), ctx)
+    finally:
+        worker.close()
+    with pytest.raises(RuntimeError, match=r"^\[site a\] round 1: WorkerUnavailable: .*not reachable"):
+        entry.train(_message(1), ctx)
