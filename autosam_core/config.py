@@ -221,9 +221,7 @@ class FederationConfig(_Strict):
     round (never a test split); round_timeout in seconds. client_gpus: GPUs per simulated site
     (fractional allowed: Flower/Ray's per-client GPU resource; Ray gives each site its own
     CUDA_VISIBLE_DEVICES, so sites are spread over the GPUs instead of all using cuda:0).
-    transfer_dtype: dtype of g's floating-point arrays on the wire, both directions (integer buffers
-    stay int64; the server aggregates in float32; :mod:`autosam_core.transfer`). device/precision:
-    the server's central evaluation (:mod:`autosam_core.precision`).
+    device/precision: the server's central evaluation (:mod:`autosam_core.precision`).
     """
 
     name: str
@@ -241,7 +239,6 @@ class FederationConfig(_Strict):
     resume: bool = False
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
-    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     precision: Precision = "auto"
     seed: int = 0

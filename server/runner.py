@@ -264,10 +264,11 @@ class FederatedServer:
         elif fed.resume:
             log.warning("resume: no checkpoint at %s; starting from round 0", last)
         self.initial_state = state
-        self.evaluator = CentralEvaluator(self.model, fed.evaluate, self.cache_dir, base_dir=self.fed_path.parent) \
-            if fed.evaluate else None
+        runtime = {"device": fed.device, "precision": fed.precision}
+        self.evaluator = CentralEvaluator(self.model, fed.evaluate, self.cache_dir, base_dir=self.fed_path.parent,
+                                          **runtime) if fed.evaluate else None
         self.val_evaluator = CentralEvaluator(self.model, fed.validation, self.cache_dir,
-                                              base_dir=self.fed_path.parent) if fed.validation else None
+                                              base_dir=self.fed_path.parent, **runtime) if fed.validation else None
         self.strategy = build_strategy(
             fed.strategy.name, fed.strategy.mu, min_sites=fed.min_sites, round_timeout=fed.round_timeout,
             node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset)
