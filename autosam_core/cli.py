@@ -8,7 +8,7 @@
     autosam embed CONFIG.yaml            fill the SAM embedding cache
     autosam info [--json]                parameter counts and shapes
     autosam metrics --pred DIR --gt DIR [--video]   SUN-SEG metrics (S-alpha, E-phi, F-beta, Dice, ...)
-    autosam simulate FEDERATION.yaml     simulated federation (Flower simulation engine)
+    autosam simulate FEDERATION.yaml     simulated federation (added by server.autosam_cli)
 """
 
 from __future__ import annotations
@@ -353,53 +353,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    # Federation lives outside the core (server/); imported only when asked for.
-    from server.simulation import FederationRunError, run_simulation_from_yaml
+def build_parser(extra_commands=None) -> argparse.ArgumentParser:
+    """The ``autosam`` argument parser.
 
-    try:
-        run_dir = run_simulation_from_yaml(args.federation)
-    except FederationRunError as err:
-        print(f"error: federation run failed: {err}", file=sys.stderr)
-        return 1
-    summary_path = Path(run_dir) / "summary.json"
-    if summary_path.is_file():
-        print(format_federation_summary(json.loads(summary_path.read_text())))
-    print(f"outputs in {run_dir}")
-    return 0
-
-
-def format_federation_summary(summary: dict) -> str:
-    """Final table of a federated run: global Dice/IoU (%) per round and benchmark, plus the budget."""
-    rounds = summary.get("rounds", [])
-    names = list(rounds[0]["benchmarks"]) if rounds else []
-    lines = [f"### {summary.get('name', 'federation')}: global model per round (Dice / IoU, %)", "",
-             "| round | " + " | ".join(names) + " | site validation Dice |",
-             "|---:|" + "---:|" * (len(names) + 1)]
-    for r in rounds:
-        cells = [f"{100 * r['benchmarks'][n]['dice']:.1f} / {100 * r['benchmarks'][n]['iou']:.1f}" for n in names]
-        val = r.get("validation") or {}
-        lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {100 * val['dice']:.1f} |" if val else
-                     f"| {r['round']} | " + " | ".join(cells) + " | - |")
-    sites = summary.get("num_examples_per_site", {})
-    per = summary.get("bytes_per_site_per_round", {})
-    mb = {k: v.get("total", 0) / 1e6 if isinstance(v, dict) else v / 1e6 for k, v in per.items()}
-    best = summary.get("best") or {}
-    lines += ["", "sites: " + ", ".join(f"{k} ({n} training images, {mb.get(k, 0):.0f} MB per round)"
-                                        for k, n in sites.items()),
-              f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"]
-    for site, d in (summary.get("privacy") or {}).items():  # DP federation: epsilon spent per site
-        per_round = ", ".join(f"r{r['round']} " + (f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "inf")
-                              for r in d.get("rounds", []))
-        skipped = [str(r["round"]) for r in d.get("rounds", []) if r.get("status") == "skipped"]
-        target = f" of target {d['target_epsilon']:g}" if d.get("target_epsilon") else ""
-        lines.append(f"privacy {site}: epsilon {per_round}{target} at delta {d.get('delta', 0):g}"
-                     + (f"; skipped rounds {', '.join(skipped)} (budget)" if skipped else ""))
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``autosam`` argument parser."""
+    ``extra_commands(subparsers)`` may add subcommands from outside the core: the federation's
+    ``autosam simulate`` is added by :mod:`server.autosam_cli` (the core never imports the server).
+    """
     p = argparse.ArgumentParser(prog="autosam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -458,19 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_metrics_arguments(v)
     v.set_defaults(func=cmd_metrics)
 
-    s = sub.add_parser("simulate", help="simulated federation from a federation YAML")
-    s.add_argument("federation")
-    s.set_defaults(func=cmd_simulate)
+    if extra_commands is not None:
+        extra_commands(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``autosam``. Configuration and data errors exit with status 2 and one clear line."""
+def main(argv: list[str] | None = None, extra_commands=None) -> int:
+    """Core entry point (``autosam`` without ``simulate``; :func:`server.autosam_cli.main` adds it).
+    Configuration and data errors exit with status 2 and one clear line."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .sam import SamCheckpointError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra_commands).parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -1,6 +1,7 @@
 """The final table printed by `autosam simulate` (and `make demo`)."""
 
-from autosam_core.cli import format_federation_summary, format_table
+from autosam_core.cli import format_table
+from server.autosam_cli import format_federation_summary
 
 
 def test_federation_summary_table():

@@ -275,7 +275,7 @@ def test_dp_simulation_reports_epsilon_and_resume_continues(tmp_path, no_leftove
     log = (run_dir / "server.log").read_text()
     assert "site site_b sent 0 examples (privacy budget:" in log and "skipped: site_b: privacy budget" in log
     assert "\n3,site_a,privacy,,,4," in (run_dir / "metrics.csv").read_text()
-    from autosam_core.cli import format_federation_summary
+    from server.autosam_cli import format_federation_summary
 
     table = format_federation_summary(s2)  # what `autosam simulate` prints
     assert "privacy site_a: epsilon r1 " in table and "skipped rounds 3 (budget)" in table
