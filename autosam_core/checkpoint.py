@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -95,6 +96,11 @@ def _load_failure(path: Path, size: int, err: Exception) -> CheckpointError:
         first = "a pickle that safe loading refuses"
     return _not_a_checkpoint(path, f"{size} bytes; torch could not read it: {type(err).__name__}"
                                    + (f": {first[:160]}" if first else ""))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src``'s bytes to ``dst`` atomically (e.g. ``best.pt`` from ``last.pt``: no second serialisation)."""
+    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from .autosam import AutoSam
 from .checkpoint import atomic_write_text
 from .config import ConfigError, PrivacyConfig, SiteConfig
 from .data.io import load_image
-from .engine import SiteTrainer, masked_loss_and_dice
+from .engine import SiteTrainer, check_sam_frozen, masked_loss_and_dice
 
 log = logging.getLogger(__name__)
 
@@ -539,6 +539,7 @@ def per_sample_gradients(model: AutoSam, batch: dict) -> dict[str, torch.Tensor]
 
     g = model.prompt_generator
     check_private_compatible(g)
+    check_sam_frozen(model)
     was_training = g.training
     g.train()
     gsm = GradSampleModule(g, batch_first=True, loss_reduction="mean", strict=True)
@@ -604,6 +605,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
     k = steps_per_epoch(q)
     g = model.prompt_generator
     check_private_compatible(g)
+    check_sam_frozen(model)
     ledger = ledger if ledger is not None else PrivacyLedger(None)
     if noise_multiplier == 0:
         _warn("DP noise_multiplier is 0: clipping only, no privacy (epsilon is infinite)")
@@ -800,10 +802,8 @@ class DPSiteTrainer(SiteTrainer):
             return {**base, "loss": 0.0, "dice": 0.0, "num_examples": 0, "samples": 0, "steps": 0, "empty_steps": 0,
                     "seconds": 0.0, "seconds_per_step": 0.0, "epsilon": spent, "dp_steps_total": self.ledger.steps,
                     "skip_reason": reason}
-        if not self._filled:
-            self.cache.ensure([pr.image_path for pr in self.train_pairs], load_image, progress=self.progress,
-                              desc=f"{self.site.site_id}: SAM embeddings")
-            self._filled = True
+        self.cache.ensure([pr.image_path for pr in self.train_pairs], load_image, progress=self.progress,
+                          desc=f"{self.site.site_id}: SAM embeddings")  # every round: edited images re-encode
         stats = dp_train_epochs(self.model, self.dataset, epochs=epochs, batch_size=self.site.batch_size,
                                 noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, lr=self.site.lr,
                                 weight_decay=self.site.weight_decay, ledger=self.ledger, proximal_mu=proximal_mu,
