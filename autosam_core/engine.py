@@ -482,7 +482,12 @@ def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None) -> tup
     meta = payload["metadata"]
     if "sam" not in meta or "model" not in meta:
         raise CheckpointError(f"checkpoint {path}: metadata lacks 'sam'/'model' configs; found keys {sorted(meta)}")
-    sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
+    try:
+        sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
+    except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        first = str(err).splitlines()[:3]
+        raise CheckpointError(f"checkpoint {path}: metadata 'sam'/'model' do not describe a model of this tool: "
+                              f"{' '.join(line.strip() for line in first)}") from None
     if sam is not None and sam.spec.kind != sam_cfg.kind:
         raise CheckpointError(f"checkpoint {path} was trained with SAM {sam_cfg.kind}, not {sam.spec.kind}")
     model = build_autosam(sam_cfg, model_cfg, sam=sam)

@@ -67,6 +67,8 @@ def world(tmp_path_factory, tiny_sam):
     (root / "text.pt").write_text("this is a README, not weights\n")
     (root / "trunc.pt").write_bytes(w["ckpt"].read_bytes()[:5000])
     torch.save({"trainable_state": {}, "metadata": {}, "x": _Foreign()}, root / "pickle.pt")
+    save_checkpoint(root / "foreign_meta.pt", model.trainable_state(), {**meta, "sam": {"kind": "vit_q"}})
+    save_checkpoint(root / "no_meta.pt", model.trainable_state(), {})
     return w
 
 
@@ -166,6 +168,8 @@ CASES = [
     ("predict: text file as checkpoint", lambda w, t: _predict(w, t, w["good"] / "images", w["root"] / "text.pt"), 2, ["text.pt", "not a checkpoint of this tool", "30 bytes", "b'this is"], ["weights_only"]),
     ("evaluate: text file as checkpoint", lambda w, t: _evaluate(w, t, w["good"], w["root"] / "text.pt"), 2, ["text.pt", "not a checkpoint of this tool"], ["weights_only"]),
     ("predict: pickle of a foreign class", lambda w, t: _predict(w, t, w["good"] / "images", w["root"] / "pickle.pt"), 2, ["pickle.pt", "not a checkpoint of this tool", "_foreign", "safe loading refuses"], ["weights_only", "add_safe_globals"]),
+    ("predict: metadata names an unknown SAM", lambda w, t: _predict(w, t, w["good"] / "images", w["root"] / "foreign_meta.pt"), 2, ["foreign_meta.pt", "do not describe a model", "must be one of lite_medsam", "vit_q"], ["traceback"]),
+    ("evaluate: checkpoint without metadata", lambda w, t: _evaluate(w, t, w["good"], w["root"] / "no_meta.pt"), 2, ["no_meta.pt", "lacks 'sam'/'model'"], []),
     ("predict: missing input folder", lambda w, t: _predict(w, t, t / "no_such_folder"), 2, ["input folder", "no_such_folder", "does not exist"], ["wrote 0 masks"]),
     # bad input that already behaved well
     ("predict: truncated checkpoint", lambda w, t: _predict(w, t, w["good"] / "images", w["root"] / "trunc.pt"), 2, ["trunc.pt", "truncated", "5000 bytes"], ["weights_only"]),
@@ -201,7 +205,7 @@ def test_bad_input(case, argv, code, must, must_not, world, tmp_path, capsys, ca
     if code == 2 and not case.startswith("train: truncated"):  # one error line, the list of bad files excepted
         errors = [line for line in out.err.splitlines() if line.strip()]
         assert len(errors) >= 1 and errors[0].startswith("error: ")
-        if "checkpoint" in case or "does not fit" in case or "input folder" in case:
+        if "checkpoint" in case or "does not fit" in case or "input folder" in case or "metadata" in case:
             assert len(errors) == 1, errors
 
 
