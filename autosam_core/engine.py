@@ -485,9 +485,11 @@ def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None) -> tup
     try:
         sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
     except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        first = str(err).splitlines()[:3]
+        errors = err.errors() if hasattr(err, "errors") else []
+        why = "; ".join(f"key '{'.'.join(map(str, e['loc']))}': {e['msg']} (found {e.get('input')!r})"
+                        for e in errors[:2]) or str(err).splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: metadata 'sam'/'model' do not describe a model of this tool: "
-                              f"{' '.join(line.strip() for line in first)}") from None
+                              f"{why}") from None
     if sam is not None and sam.spec.kind != sam_cfg.kind:
         raise CheckpointError(f"checkpoint {path} was trained with SAM {sam_cfg.kind}, not {sam.spec.kind}")
     model = build_autosam(sam_cfg, model_cfg, sam=sam)
