@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,6 @@ def save_checkpoint(path: str | Path, trainable_state: Mapping[str, torch.Tensor
     Returns:
         the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
         "trainable_state": {k: v.detach().cpu() for k, v in trainable_state.items()},
@@ -41,16 +42,19 @@ def save_checkpoint(path: str | Path, trainable_state: Mapping[str, torch.Tensor
     return atomic_torch_save(payload, path)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it over ``path``.
+def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it over ``path``.
 
-    A crash or error mid-write leaves any previous ``path`` intact and no temporary file behind.
+    The one atomic-write implementation of the core. A crash, SIGKILL or error mid-write leaves any
+    previous ``path`` intact (never a truncated file); on an exception the temporary file is removed
+    (after a SIGKILL a hidden ``.<name>.*.tmp`` may remain, which nothing reads).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,24 +62,81 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it over ``path``.
+
+    A crash or error mid-write leaves any previous ``path`` intact and no temporary file behind.
+    """
+    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`atomic_torch_save`."""
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+_EXPECTED = ("expected an AutoSAM-FL checkpoint: a torch zip archive (.pt) written by `autosam train` or "
+             "the federation server, holding 'trainable_state' and 'metadata'")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _not_a_checkpoint(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is not a checkpoint of this tool ({why}); {_EXPECTED}")
+
+
+def _load_failure(path: Path, size: int, err: Exception) -> CheckpointError:
+    """A one-line reason for a failed safe ``torch.load`` (torch's advice to disable it is never passed on)."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return _not_a_checkpoint(path, f"{size} bytes holding a pickled Python object {found.group(1)}, which safe "
+                                       "loading refuses")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if "weights_only" in first or "Weights only" in first:  # torch's unsafe advice: never shown
+        first = "a pickle that safe loading refuses"
+    return _not_a_checkpoint(path, f"{size} bytes; torch could not read it: {type(err).__name__}"
+                                   + (f": {first[:160]}" if first else ""))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src``'s bytes to ``dst`` atomically (e.g. ``best.pt`` from ``last.pt``: no second serialisation)."""
+    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU (also one saved from CUDA tensors).
+    """Read a checkpoint onto the CPU (also one saved from CUDA tensors), with safe loading only.
 
     Returns:
         {"trainable_state": dict[str, Tensor], "metadata": dict, "format_version": int}.
 
     Raises:
-        CheckpointError: missing file, unreadable file, or not an AutoSAM-FL checkpoint.
+        CheckpointError: one line naming the file: missing, empty, not a torch zip archive (size and
+        first bytes), truncated (zip without its end), refused by safe loading, or a payload
+        without ``trainable_state``. Never suggests ``weights_only=False``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise _not_a_checkpoint(path, "the file is empty, 0 bytes")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(_ZIP_MAGIC):
+        raise _not_a_checkpoint(path, f"{size} bytes starting with {head!r}, not a zip archive")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or damaged ({size} bytes: a zip archive whose end is missing, e.g. an "
+            f"interrupted copy); {_EXPECTED}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path} could not be read: {err}") from err
+        raise _load_failure(path, size, err) from None
     if not isinstance(payload, dict) or "trainable_state" not in payload:
-        keys = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"checkpoint {path}: expected keys 'trainable_state' and 'metadata', found {keys}")
+        keys = sorted(map(str, payload))[:5] if isinstance(payload, dict) else type(payload).__name__
+        raise _not_a_checkpoint(path, f"{size} bytes holding {keys}, without 'trainable_state'")
+    if not isinstance(payload["trainable_state"], Mapping):
+        raise _not_a_checkpoint(path, f"'trainable_state' is a {type(payload['trainable_state']).__name__}, "
+                                      "not a mapping of tensors")
     payload.setdefault("metadata", {})
     return payload

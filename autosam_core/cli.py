@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,10 +47,9 @@ def format_table(results: dict[str, dict], title: str = "") -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _runtime(args: argparse.Namespace, cfg=None) -> tuple[torch.device, str]:
@@ -72,7 +70,7 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----- train ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import atomic_copy, save_checkpoint
     from .config import TrainJobConfig, config_hash, load_yaml_config
     from .data.cache import EmbeddingCache
     from .data.io import load_image
@@ -85,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:  # through validation, like the YAML's own value
         cfg = _validated_override(cfg, args.config, ("train", "epochs"), args.epochs)
     base = Path(args.config).resolve().parent
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base)]  # data errors before model build
+    # data errors (also unreadable images or masks) before the model is built or anything encoded
+    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
     for ref in cfg.evaluate:
         resolve_pairs(ref, base)
     out = Path(args.output or Path(cfg.output_dir) / cfg.name)
@@ -106,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stats = cache.ensure([p.image_path for p in train_pairs + val_pairs], load_image)
         log.info("embedding cache: %d cached, %d computed in %.1f s", stats["cached"], stats["computed"],
                  stats["seconds"])
-    loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache), cfg.train.batch_size,
-                         shuffle=True, seed=cfg.train.seed)
+    loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed),
+                         cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = lr_schedule(opt, cfg.train.epochs * len(loader), cfg.train.schedule, cfg.train.warmup_fraction)
     scaler = grad_scaler(device, precision)
@@ -129,15 +128,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_checkpoint(out / "last.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
         if not val_pairs or val["dice"] > best:  # no validation split: the last epoch is the best
             best, best_row = (val["dice"] if val_pairs else best), row
-            shutil.copyfile(out / "last.pt", out / ".best.pt.tmp")  # same bytes: no second serialisation
-            (out / ".best.pt.tmp").replace(out / "best.pt")  # atomic, like save_checkpoint
+            atomic_copy(out / "last.pt", out / "best.pt")  # same bytes: no second serialisation
         _write_json(out / "history.json", history)
     if model.surrogate_decoder is not None and cfg.train.surrogate_epochs > 0:
         from .checkpoint import load_checkpoint
 
         if (out / "best.pt").is_file():
             model.load_trainable_state(load_checkpoint(out / "best.pt")["trainable_state"])
-        h_loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache),
+        h_loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed),
                                cfg.train.surrogate_batch_size, shuffle=True, seed=cfg.train.seed)
         h_stats = train_surrogate(model, h_loader, cfg.train.surrogate_epochs, cfg.train.lr, cfg.train.weight_decay)
         log.info("surrogate decoder h: loss %.4f Dice %.3f (%.1f s)", h_stats["loss"], h_stats["dice"], h_stats["seconds"])
@@ -155,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         results = _evaluate_refs(best_model, cfg.evaluate, cache_dir=cfg.cache_dir, base=base)
         summary["evaluation"] = results
         print(format_table(results, f"{cfg.name}: best checkpoint on the benchmark splits"))
+        for line in _skipped_lines(results):
+            print(line)
     _write_json(out / "summary.json", summary)
     print(f"\ntrained {len(train_pairs)} images x {cfg.train.epochs} epochs in {minutes:.1f} min; "
           f"checkpoint {out / 'best.pt'}")
@@ -205,16 +205,26 @@ def _plot_history(history: list[dict], path: Path) -> None:
 
 
 def _evaluate_refs(model, refs, cache_dir=None, base=None, surrogate=False) -> dict:
+    """{label: {"dice", "iou", "num_images", "skipped", "skipped_reasons", ...}}; unreadable pairs are skipped."""
     from .data.cache import EmbeddingCache
-    from .engine import evaluate_pairs, resolve_pairs
+    from .engine import evaluate_pairs, resolve_data
 
     cache = EmbeddingCache(model.sam, cache_dir)
     results = {}
     for ref in refs:
-        r = evaluate_pairs(model, resolve_pairs(ref, base), cache, surrogate=surrogate, progress=True, desc=ref.label)
+        report = resolve_data(ref, base, unreadable="skip")
+        r = evaluate_pairs(model, report.pairs, cache, surrogate=surrogate, progress=True, desc=ref.label)
         r.pop("per_image")
+        r["skipped"] = report.num_skipped
+        r["skipped_reasons"] = report.summary() if report.num_skipped else ""
         results[ref.label] = r
     return results
+
+
+def _skipped_lines(results: dict) -> list[str]:
+    """One line per dataset that skipped pairs: 'skipped N in LABEL: <reasons>'."""
+    return [f"skipped {r['skipped']} image/mask pair(s) in {label}: {r['skipped_reasons']}"
+            for label, r in results.items() if r.get("skipped")]
 
 
 # ----- evaluate / predict / embed / info ---------------------------------------------------------
@@ -242,6 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = _evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
     what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
     print(format_table(results, f"{what}, checkpoint {args.checkpoint} (SAM {meta.get('sam_kind')})"))
+    for line in _skipped_lines(results):
+        print(line)
     if args.json:
         _write_json(Path(args.json), {"checkpoint": str(args.checkpoint), "method": what, "results": results})
         print(f"wrote {args.json}")
@@ -254,9 +266,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.io import ImageFormatError, load_image
     from .engine import model_from_checkpoint
 
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():  # before the model is built
+        raise FileNotFoundError(f"input {'folder' if not src.suffix else 'file'} {src} does not exist "
+                                "(--input takes an image file or a folder of images)")
     device, precision = _runtime(args)
     model, _ = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
-    src, dst = Path(args.input), Path(args.output)
     exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
     if not files:

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .autosam import AutoSam
+from .autosam import AutoSam, StateMismatchError
 from .config import ConfigError, DataRef, ModelConfig, SamConfig, SiteConfig
 from .data.cache import EmbeddingCache
-from .data.dataset import Pair, data_root, pair_by_stem, read_split
+from .data.dataset import Pair, PairingReport, data_root, pair_by_stem, read_split, verify_pixels
 from .data.io import load_image, load_mask
 from .data.transforms import build_augmentation
 from .losses import bce_dice_loss
@@ -82,14 +82,30 @@ def resolve_dataset_dir(ref: DataRef, base_dir: Path | None = None) -> Path:
         "fix the 'dataset' key or set AUTOSAM_DATA to the data root")
 
 
-def resolve_pairs(ref: DataRef, base_dir: Path | None = None) -> list[Pair]:
+def resolve_pairs(ref: DataRef, base_dir: Path | None = None, unreadable: str = "skip") -> list[Pair]:
     """Image/mask pairs of one :class:`DataRef` (split, then the first ``limit`` stems).
 
-    Skipped pairs (missing mask, size mismatch, ...) are logged by reason, never dropped silently.
+    Every selected image and mask is decoded in full first
+    (:func:`autosam_core.data.dataset.verify_pixels`), so an unreadable file is found before any
+    model is built or image encoded. Skipped pairs (missing mask, size mismatch, unreadable, ...)
+    are logged by reason, never dropped silently.
+
+    Args:
+        unreadable: ``"skip"`` (evaluation: leave unreadable pairs out, logged and counted) or
+            ``"error"`` (training: stop at once listing every bad file, its reason and how to
+            exclude it).
 
     Raises:
-        ConfigError: missing folder or split file, or zero usable pairs.
+        ConfigError: missing folder or split file, zero usable pairs, or (``unreadable="error"``)
+        any image/mask that cannot be read.
     """
+    return resolve_data(ref, base_dir, unreadable).pairs
+
+
+def resolve_data(ref: DataRef, base_dir: Path | None = None, unreadable: str = "skip") -> PairingReport:
+    """Like :func:`resolve_pairs`, returning the whole :class:`PairingReport` (pairs and skips by reason)."""
+    if unreadable not in ("skip", "error"):
+        raise ValueError(f"unreadable must be 'skip' or 'error', found {unreadable!r}")
     d = resolve_dataset_dir(ref, base_dir)
     if ref.split and ref.stems_file:
         raise ConfigError(f"dataset {ref.dataset!r}: give either 'split' or 'stems_file', not both")
@@ -103,14 +119,22 @@ def resolve_pairs(ref: DataRef, base_dir: Path | None = None) -> list[Pair]:
     if stems is not None and ref.limit:
         stems = stems[: ref.limit]
     report = pair_by_stem(d / "images", d / "masks", stems=stems)
+    header_unreadable = len(report.unreadable)
+    verify_pixels(report, report.pairs[: ref.limit] if stems is None and ref.limit else None)
+    if unreadable == "error" and report.unreadable:
+        lines = "\n".join(f"  {path}: {why}" for _, path, why in report.unreadable)
+        raise ConfigError(
+            f"dataset {d}{f' split {ref.split!r}' if ref.split else ''}: {len(report.unreadable)} unreadable "
+            f"image/mask file(s); nothing was trained or encoded:\n{lines}\n"
+            "re-export or remove these files, or exclude their stems: list the stems to use in "
+            "'stems_file' (or a split file under splits/ named by 'split')")
     if report.num_skipped:
         log.warning("%s: %s", ref.label, report.summary())
-    pairs = list(report.pairs)
-    if stems is None and ref.limit:
-        pairs = pairs[: ref.limit]
-    if not pairs:
+    if len(report.unreadable) > header_unreadable:
+        log.warning("%s: %d unreadable image/mask pairs skipped", ref.label, len(report.unreadable))
+    if not report.pairs:
         raise ConfigError(f"dataset {d} split {ref.split!r}: no usable image/mask pairs ({report.summary()})")
-    return pairs
+    return report
 
 
 def split_validation(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -134,15 +158,21 @@ class AutoSamDataset(Dataset):
 
     With a cache only photometric augmentation is applied (to g's input): the cached embeddings
     were computed from the unaugmented image, so the geometry must not change. Without a cache the
-    full preset is applied to image and mask before both SAM and g see them.
+    full preset is applied to image and mask before both SAM and g see them. ``seed`` seeds the
+    augmentation's own random stream (see :meth:`reseed`).
     """
 
     def __init__(self, model: AutoSam, pairs: Sequence[Pair], augmentation: str = "none",
-                 cache: EmbeddingCache | None = None):
+                 cache: EmbeddingCache | None = None, seed: int = 0):
         self.model = model
         self.pairs = list(pairs)
         self.cache = cache
-        self.augment = build_augmentation(augmentation, photometric_only=cache is not None)
+        self.augment = build_augmentation(augmentation, photometric_only=cache is not None, seed=seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's own random stream (albumentations does not use torch's RNG)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(int(seed))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -224,25 +254,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, schedule: st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_sam_frozen(model: AutoSam, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Raise if a SAM parameter requires grad or is in ``optimizer`` (SAM must never change).
-
-    Raises:
-        RuntimeError: naming the first offending SAM parameter.
-    """
-    sam_params = {id(p): n for n, p in model.sam.named_parameters()}
-    for n, p in model.sam.named_parameters():
-        if p.requires_grad:
-            raise RuntimeError(f"SAM parameter sam.{n} requires grad: the frozen SAM must not be trained "
-                               "(call requires_grad_(False) on it)")
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) in sam_params:
-                    raise RuntimeError(f"SAM parameter sam.{sam_params[id(p)]} is in the optimizer: "
-                                       "optimise only model.prompt_generator's parameters")
-
-
 def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer: torch.optim.Optimizer,
                  proximal_mu: float = 0.0, progress: bool = True, desc: str = "train",
                  recalibrate_bn: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -265,7 +276,7 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
          "data_seconds": time spent waiting for the loader (s)}.
 
     Raises:
-        RuntimeError: a SAM parameter requires grad or is in the optimizer (:func:`check_sam_frozen`).
+        SamNotFrozenError: a SAM parameter requires grad or is in the optimizer (:func:`check_sam_frozen`).
         FloatingPointError: the loss became non-finite.
     """
     from .precision import autocast
@@ -314,6 +325,31 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
         recalibrate_batchnorm(model, loader)
     return {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n,
             "seconds": time.perf_counter() - t0, "steps": steps, "data_seconds": data_seconds}
+
+
+class SamNotFrozenError(RuntimeError):
+    """A SAM parameter requires grad or is in the optimiser: training would change the frozen SAM."""
+
+
+def check_sam_frozen(model: AutoSam, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Before a local training run: no SAM parameter may require grad or be in ``optimizer``.
+
+    Raises:
+        SamNotFrozenError: naming the first offending parameter (``sam.<name>``) and the fix.
+    """
+    for name, p in model.sam.named_parameters():
+        if p.requires_grad:
+            raise SamNotFrozenError(
+                f"SAM parameter sam.{name} requires grad: the frozen SAM must not train; call "
+                "model.sam.requires_grad_(False) (AutoSAM trains only the prompt generator g and h)")
+    if optimizer is not None:
+        sam_params = {id(p): name for name, p in model.sam.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in sam_params:
+                    raise SamNotFrozenError(
+                        f"SAM parameter sam.{sam_params[id(p)]} is in the optimiser: build it over "
+                        "model.prompt_generator.parameters() only")
 
 
 @torch.no_grad()
@@ -497,13 +533,12 @@ class SiteTrainer:
         model.sam.set_precision(self.precision)
         self.model, self.site, self.progress = model.to(self.device), site, progress
         log.info("site %s: device %s, precision %s", site.site_id, self.device, self.precision)
-        pairs = resolve_pairs(site.data, base_dir)
+        pairs = resolve_pairs(site.data, base_dir, unreadable="error")
         self.train_pairs, self.val_pairs = split_validation(pairs, site.val_fraction, seed=0)
         root = Path(site.cache_dir) if site.cache_dir else cache_dir
         if site.cache_dir and base_dir is not None and not root.is_absolute():
             root = base_dir / root
         self.cache = EmbeddingCache(model.sam, root)
-        self._filled = False
         self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache)
 
     @property
@@ -512,20 +547,27 @@ class SiteTrainer:
         return len(self.train_pairs)
 
     def ensure_embeddings(self) -> None:
-        """Fill the embedding cache for the training images, once per trainer (every ``fit`` calls it)."""
-        if not self._filled:
-            self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
-                              desc=f"{self.site.site_id}: SAM embeddings")
-            self._filled = True
+        """Fill the embedding cache for the training images; called by every ``fit`` (an image edited
+        in place since the last round is re-encoded: cache keys follow file bytes)."""
+        self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
+                          desc=f"{self.site.site_id}: SAM embeddings")
 
     def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
-        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`."""
+        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`.
+
+        ``seed`` fixes everything random here: data order (the DataLoader's generator), augmentation
+        (albumentations' own stream) and torch's global RNG inside the run (restored afterwards), so
+        one seed gives bit-identical weights on CPU.
+        """
         self.ensure_embeddings()
         opt = torch.optim.Adam(self.model.prompt_generator.parameters(), lr=self.site.lr,
                                weight_decay=self.site.weight_decay)
+        self.dataset.reseed(seed)
         loader = make_loader(self.dataset, self.site.batch_size, shuffle=True, seed=seed)
-        stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
-                             desc=self.site.site_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
+                                 desc=self.site.site_id)
         stats["num_examples"] = self.num_examples
         return stats
 
@@ -574,7 +616,8 @@ def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None, device
         (model in eval mode, metadata).
 
     Raises:
-        CheckpointError / StateMismatchError: unreadable file or a state that does not fit.
+        CheckpointError: unreadable file, or a state that does not fit (one line naming the file, the
+        first mismatched key and both shapes).
     """
     from .checkpoint import CheckpointError, load_checkpoint
 
@@ -582,12 +625,23 @@ def model_from_checkpoint(path: str | Path, sam: FrozenSam | None = None, device
     meta = payload["metadata"]
     if "sam" not in meta or "model" not in meta:
         raise CheckpointError(f"checkpoint {path}: metadata lacks 'sam'/'model' configs; found keys {sorted(meta)}")
-    sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
+    try:
+        sam_cfg, model_cfg = SamConfig(**meta["sam"]), ModelConfig(**meta["model"])
+    except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        errors = err.errors() if hasattr(err, "errors") else []
+        why = "; ".join(f"key '{'.'.join(map(str, e['loc']))}': {e['msg']} (found {e.get('input')!r})"
+                        for e in errors[:2]) or str(err).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path}: metadata 'sam'/'model' do not describe a model of this tool: "
+                              f"{why}") from None
     if sam is not None and sam.spec.kind != sam_cfg.kind:
         raise CheckpointError(f"checkpoint {path} was trained with SAM {sam_cfg.kind}, not {sam.spec.kind}")
     if sam is None:
         sam = load_frozen_sam(sam_cfg.kind, sam_cfg.checkpoint).to(device).set_precision(precision)
     model = build_autosam(sam_cfg, model_cfg, sam=sam)
-    model.load_trainable_state(payload["trainable_state"])
+    try:
+        model.load_trainable_state(payload["trainable_state"])
+    except StateMismatchError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model its metadata describes "
+                              f"(g {model_cfg.backbone}, SAM {sam_cfg.kind}): {err}") from None
     model.eval()
     return model, meta

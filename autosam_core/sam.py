@@ -191,6 +191,10 @@ class FrozenSam(nn.Module):
         Returns:
             image_embeddings float32 (B, 256, 64, 64) on SAM's device, an inference tensor (no
             autograd history).
+
+        Raises:
+            ValueError: wrong input shape, or an encoder output that is not (B, 256, 64, 64)
+            floating point (:meth:`check_embeddings`).
         """
         from .precision import autocast
 
@@ -200,7 +204,25 @@ class FrozenSam(nn.Module):
         device = self.device
         with torch.inference_mode(), autocast(device, self.precision):
             out = self.image_encoder(images.to(device))
+        self.check_embeddings(out, images.shape[0], "encode")
         return out.float()
+
+    def check_embeddings(self, out: object, batch: int, where: str) -> None:
+        """Refuse an encoder output that is not a floating tensor of shape (batch, 256, 64, 64).
+
+        Raises:
+            ValueError: naming the backbone, the expected shape and what was found (e.g. None, or
+            (B, 256, 32, 32) from a mismatched encoder), before anything stores or decodes it.
+        """
+        expected = (batch, self.spec.embed_dim, *self.spec.embedding_size)
+        if not isinstance(out, torch.Tensor):
+            found = f"a {type(out).__name__}" if out is not None else "None"
+        elif tuple(out.shape) != expected or not out.is_floating_point():
+            found = f"{out.dtype} of shape {tuple(out.shape)}"
+        else:
+            return
+        raise ValueError(f"frozen SAM {self.spec.kind} ({self.weights_id}) image encoder returned {found} in {where}; "
+                         f"expected floating image_embeddings of shape {expected}")
 
     def decode(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
                sparse_prompt_embeddings: torch.Tensor | None = None) -> torch.Tensor:

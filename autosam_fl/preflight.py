@@ -43,8 +43,11 @@ def site_yaml_paths(fed: FederationConfig, fed_path: Path) -> list[Path]:
     return out
 
 
-def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str):
+def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str, unreadable: str = "skip"):
     """Image/mask pairs of ``ref``, with errors naming ``where`` (a file) and ``key``.
+
+    ``unreadable``: ``"error"`` for training data (an image or mask that does not decode stops the
+    run before it starts), ``"skip"`` for evaluation data (see :func:`autosam_core.engine.resolve_pairs`).
 
     Raises:
         ConfigError: dataset folder missing (key ``<key>.dataset``), split file missing
@@ -57,7 +60,7 @@ def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str):
     except ConfigError as err:
         raise ConfigError(f"{where}: key '{key}.dataset': {err}") from None
     try:
-        return resolve_pairs(ref, base_dir)
+        return resolve_pairs(ref, base_dir, unreadable=unreadable)
     except FileNotFoundError as err:
         raise ConfigError(f"{where}: key '{key}.split': {err}; fix the split name or remove it") from None
     except ValueError as err:
@@ -93,7 +96,7 @@ def check_sites(fed: FederationConfig, fed_path: Path) -> list[SiteSummary]:
             raise ConfigError(f"{p}: key 'site_id': {site.site_id!r} is also used by {seen[site.site_id]}; "
                               "every site needs its own site_id")
         seen[site.site_id] = p
-        pairs = resolve_ref(site.data, p.parent, str(p), "data")
+        pairs = resolve_ref(site.data, p.parent, str(p), "data", unreadable="error")
         train, val = split_validation(pairs, site.val_fraction, seed=0)
         if not train:
             raise ConfigError(f"{p}: key 'val_fraction': holding out {site.val_fraction} of {len(pairs)} pairs "

@@ -208,6 +208,7 @@ class RobustAggregation:
         if not contributors:
             log.warning("round %d: every reply has 0 training examples; keeping the previous global model", g)
             return None, None
+        contributors.sort(key=lambda c: c[0])  # by site id: the float sum does not depend on reply order
         avg = weighted_average([c[1] for c in contributors], [c[2] for c in contributors])
         report.aggregated = True
         total = sum(c[2] for c in contributors)

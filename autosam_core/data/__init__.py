@@ -22,7 +22,7 @@ from .dataset import (
     pair_by_stem,
     read_split,
 )
-from .io import AlphaChannelDroppedWarning, ImageFormatError, image_size, load_image, load_mask
+from .io import AlphaChannelDroppedWarning, ImageFormatError, MaskValuesWarning, image_size, load_image, load_mask
 
 if TYPE_CHECKING:
     from .transforms import PRESETS, build_augmentation
@@ -33,6 +33,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFormatError",
     "MASK_EXTENSIONS",
+    "MaskValuesWarning",
     "PRESETS",
     "Pair",
     "PairingReport",

@@ -34,6 +34,7 @@ __all__ = [
     "read_split",
     "list_splits",
     "pair_by_stem",
+    "verify_pixels",
 ]
 
 #: Recognised image file extensions (lower case; matching is case-insensitive).
@@ -333,4 +334,54 @@ def pair_by_stem(
     # reported when pairing the whole folder.
     if stems is None:
         report.orphan_masks = sorted(set(masks) - set(images), key=_natural_key)
+    return report
+
+
+# (path, size, mtime_ns) -> None (decodes) or the reason it does not; an edited file is checked again.
+_VERIFIED: dict[tuple[str, int, int], str | None] = {}
+
+
+def _decode_problem(path: Path, loader: Callable[[Path], Any]) -> str | None:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"cannot stat: {exc}"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        try:
+            loader(path)
+            _VERIFIED[key] = None
+        except (ImageFormatError, OSError, ValueError, SyntaxError) as exc:
+            _VERIFIED[key] = str(exc) or type(exc).__name__
+    return _VERIFIED[key]
+
+
+def verify_pixels(report: PairingReport, pairs: Sequence[Pair] | None = None) -> PairingReport:
+    """Decode every image and mask in full, before any training or encoding reads them.
+
+    :func:`pair_by_stem` reads only headers, so a truncated PNG or a corrupt JPEG passes pairing
+    and used to fail hours later at the embedding step. Each file that does not decode (with
+    :func:`load_image` / :func:`load_mask`) moves its pair from ``pairs`` to ``report.unreadable``
+    with the reason. Results are memoised per (path, size, mtime_ns), so an unchanged dataset is
+    checked once per process. Masks' :class:`~autosam_core.data.io.MaskValuesWarning` are issued
+    here, up front.
+
+    Args:
+        report: the pairing report to update in place.
+        pairs: the pairs to check (default ``report.pairs``, e.g. after a ``limit`` was applied);
+            ``report.pairs`` becomes the readable ones among them, in order.
+
+    Returns:
+        ``report`` (updated).
+    """
+    good: list[Pair] = []
+    for pair in report.pairs if pairs is None else pairs:
+        for path, loader in ((pair.image_path, load_image), (pair.mask_path, load_mask)):
+            reason = _decode_problem(path, loader)
+            if reason is not None:
+                report.unreadable.append((pair.stem, path, reason))
+                break
+        else:
+            good.append(pair)
+    report.pairs = good
     return report

@@ -6,7 +6,10 @@ Contracts (docs/ARCHITECTURE.md, "autosam_core.data"; docs/DESIGN.md section 6):
 * masks are ``numpy.uint8`` arrays of shape (H, W) with values in {0, 1};
 * 0-255 masks (including JPEG masks with compression noise) are binarised at ``>= 128``
   (docs/DESIGN.md section 1: the public AutoSAM code thresholded JPEG masks at ``> 0``, which turns
-  compression noise into foreground).
+  compression noise into foreground);
+* any other mask (a label map holding 0, 1, 2, ..., a soft mask) is never silently emptied: it is
+  read by the rule in :func:`load_mask` with a :class:`MaskValuesWarning` naming the file and the
+  values found.
 
 Pixels are returned as stored: EXIF orientation tags are deliberately ignored so that an image and
 its mask (which rarely carries EXIF) stay aligned.
@@ -24,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "ImageFormatError",
     "AlphaChannelDroppedWarning",
+    "MaskValuesWarning",
     "load_image",
     "load_mask",
     "image_size",
@@ -44,6 +48,19 @@ class ImageFormatError(ValueError):
 class AlphaChannelDroppedWarning(UserWarning):
     """Warning issued by :func:`load_image` when an alpha channel is discarded."""
 
+
+class MaskValuesWarning(UserWarning):
+    """Warning issued by :func:`load_mask` for a mask that is not 0/255, 0/1 or a JPEG-smeared 0/255.
+
+    The message names the file, the values found and the rule applied (nonzero = foreground for
+    a label map whose values are all below 128; ``>= 128`` otherwise).
+    """
+
+
+# Fraction of pixels of an 8-bit mask allowed strictly between 32 and 223 for it to count as a
+# JPEG-smeared 0/255 mask (compression noise and soft edges; measured: 0 % in every shared dataset).
+_SMEAR_BAND = (32, 223)
+_SMEAR_MAX_FRACTION = 0.05
 
 # Pillow modes holding integers wider than 8 bits.
 _WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -200,8 +217,14 @@ def load_mask(path: PathLike) -> np.ndarray:
     * multi-channel masks (RGB, RGBA, LA) take the first channel; palette (``P``) masks use the
       palette indices, not the colours (index 0 = background);
     * a mask whose values are all in {0, 1} is kept as is (so a 0/1 PNG stays non-empty);
-    * otherwise, if the maximum is <= 255 (any 8-bit mask, including JPEG masks with compression
-      noise), foreground is ``value >= 128``;
+    * a mask whose values are all in {0, 255}, or a JPEG-smeared 0/255 mask (at most 5 % of its
+      pixels strictly between 32 and 223), is binarised at ``value >= 128``, silently;
+    * any other mask whose maximum is below 128 (a label map holding 0, 1, 2, ...) is read as
+      ``value != 0`` = foreground, with a :class:`MaskValuesWarning` naming the file and the
+      values: never silently emptied;
+    * any other 8-bit-range mask (maximum 128..255, e.g. {0, 100, 200} or a soft mask) is
+      binarised at ``value >= 128``, with a :class:`MaskValuesWarning` naming the file, the
+      values and how many nonzero pixels fell below 128;
     * a wider-integer mask (16/32-bit) with maximum > 255 is accepted only when it holds exactly
       two values {0, v} (foreground = v); anything else (e.g. an instance label image) is
       ambiguous and rejected.
@@ -211,6 +234,9 @@ def load_mask(path: PathLike) -> np.ndarray:
 
     Returns:
         ``numpy.uint8`` array, shape (H, W), values in {0, 1}.
+
+    Warns:
+        MaskValuesWarning: the mask is not 0/255, 0/1 or a JPEG-smeared 0/255 (rules above).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -242,7 +268,7 @@ def load_mask(path: PathLike) -> np.ndarray:
     if hi <= 1:
         return np.ascontiguousarray(arr, dtype=np.uint8)
     if hi <= 255:
-        return (arr >= 128).astype(np.uint8)
+        return _binarise_8bit(arr, path)
     values = np.unique(arr)
     if values.size == 2 and values[0] == 0:
         return (arr == values[1]).astype(np.uint8)
@@ -251,6 +277,41 @@ def load_mask(path: PathLike) -> np.ndarray:
         f"{path}: ambiguous wide-integer mask: dtype {arr.dtype}, shape {tuple(arr.shape)}, "
         f"{values.size} distinct values ({shown}); expected a binary mask (0/255 8-bit PNG)"
     )
+
+
+def _shown_values(arr: np.ndarray, limit: int = 8) -> str:
+    values = np.unique(arr)
+    shown = ", ".join(str(int(v)) for v in values[:limit]) + (", ..." if values.size > limit else "")
+    return f"{{{shown}}} ({values.size} distinct)"
+
+
+def _binarise_8bit(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Binarise a mask with values in [0, 255] whose maximum is >= 2 (rules in :func:`load_mask`)."""
+    hi = int(arr.max())
+    foreground = arr >= 128
+    if hi < 128:  # a label map: thresholding at 128 would empty it
+        foreground = arr != 0
+        warnings.warn(
+            f"{path}: mask values {_shown_values(arr)} are not 0/255, 0/1 or a JPEG-smeared 0/255; read as "
+            f"nonzero = foreground ({int(foreground.sum())} of {arr.size} pixels); save it as a 0/255 PNG to "
+            "silence this",
+            MaskValuesWarning,
+            stacklevel=3,
+        )
+        return foreground.astype(np.uint8)
+    lo_band, hi_band = _SMEAR_BAND
+    middle = float(((arr > lo_band) & (arr < hi_band)).mean())
+    if middle > _SMEAR_MAX_FRACTION:
+        dropped = int(((arr != 0) & ~foreground).sum())
+        warnings.warn(
+            f"{path}: mask values {_shown_values(arr)} are not 0/255, 0/1 or a JPEG-smeared 0/255 "
+            f"({100 * middle:.1f} % of pixels between {lo_band + 1} and {hi_band - 1}); read as foreground = "
+            f"value >= 128 ({int(foreground.sum())} pixels; {dropped} nonzero pixels below 128 counted as "
+            "background)",
+            MaskValuesWarning,
+            stacklevel=3,
+        )
+    return foreground.astype(np.uint8)
 
 
 def image_size(path: PathLike) -> tuple[int, int]:

@@ -9,9 +9,9 @@ budget: the spent epsilon stays spent.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..checkpoint import atomic_write_text
 
 from .accounting import ACCOUNTANTS, epsilon_spent
 from .errors import PrivacyLedgerError
@@ -28,7 +28,7 @@ class PrivacyLedger:
     sample_rate, steps], ...]`` (Opacus accountant history, consecutive equal entries merged),
     ``"noise_multiplier"``, ``"sample_rate"``, ``"planned_steps"`` (the calibration of this site's
     noise, if any) and ``"rounds"`` (an audit list: steps, empty steps, epsilon after each round)}.
-    Written atomically (temporary file + ``os.replace``).
+    Written atomically (:func:`autosam_core.checkpoint.atomic_write_text`): a crash mid-write keeps the previous file.
 
     Args:
         path: the JSON file (e.g. ``<state dir>/privacy-<site_id>.json``); None keeps it in memory.
@@ -76,18 +76,10 @@ class PrivacyLedger:
         """Write the file atomically (no-op for an in-memory ledger)."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": LEDGER_FORMAT, "mechanism": self.mechanism,
                    "history": [list(h) for h in self.history], "noise_multiplier": self.noise_multiplier,
                    "sample_rate": self.sample_rate, "planned_steps": self.planned_steps, "rounds": self.rounds}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(payload, indent=1))
 
     # accounting
     @property

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..autosam import AutoSam
 from ..config import ConfigError, PrivacyConfig, SiteConfig
-from ..engine import SiteTrainer, masked_loss_and_dice
+from ..engine import SiteTrainer, check_sam_frozen, masked_loss_and_dice
 from .accounting import calibrate_noise_multiplier, check_delta, poisson_sample_rate, steps_per_epoch
 from .compat import check_private_compatible
 from .errors import warn_privacy as _warn
@@ -139,6 +139,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
     k = steps_per_epoch(q)
     g = model.prompt_generator
     check_private_compatible(g)
+    check_sam_frozen(model)
     if model.sam.precision != "fp32":
         # Per-sample clipping is checked in float32 only: DP-SGD runs g and SAM's decoder in fp32.
         log.info("DP-SGD runs in fp32 (site precision %s applies to the SAM encoder and evaluation only)",
