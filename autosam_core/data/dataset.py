@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import ImageFormatError, image_size
+from .io import ImageFormatError, image_size, load_image, load_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
