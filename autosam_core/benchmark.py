@@ -121,7 +121,7 @@ def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_e
         finish("autosam", auto_low, t0)
     if "surrogate" in methods and model.surrogate_decoder is not None:
         t0 = time.perf_counter() - t_g  # charge h for g's forward too
-        finish("surrogate", model.surrogate_decoder(dense), t0)
+        finish("surrogate", model.surrogate_decoder(dense.float()), t0)
     point, box = farthest_interior_point(mask), bounding_box(mask)
     if "sam_point" in methods and point is not None:
         t0 = time.perf_counter()

