@@ -156,25 +156,3 @@ def test_cosine_schedule_by_hand():
     const = lr_schedule(torch.optim.SGD([p], lr=0.3), 5, "constant")
     assert const.get_last_lr() == [0.3]
 
-
-def test_transfer_dtype_round_trip_and_bytes():
-    from autosam_core.transfer import decode_state, encode_state
-
-    def state_nbytes(st):
-        return sum(t.numel() * t.element_size() for t in st.values())
-
-    state = {"g.w": torch.tensor([1.0, -2.5, 3.14159, 1e-3]), "g.bn.num_batches_tracked": torch.tensor(7)}
-    f32 = encode_state(state, "float32")
-    bf16 = encode_state(state, "bfloat16")
-    assert bf16["g.w"].dtype == torch.int16 and bf16["g.bn.num_batches_tracked"].dtype == torch.int64
-    assert state_nbytes(bf16) == 4 * 2 + 8 and state_nbytes(f32) == 4 * 4 + 8
-    back = decode_state(bf16, "bfloat16")
-    assert back["g.w"].dtype == torch.float32 and back["g.bn.num_batches_tracked"].item() == 7
-    assert back["g.w"].tolist() == state["g.w"].bfloat16().float().tolist()  # exactly bf16 rounding
-    assert torch.allclose(back["g.w"], state["g.w"], rtol=2 ** -8)
-    half = decode_state(encode_state(state, "float16"), "float16")
-    assert half["g.w"].tolist() == state["g.w"].half().float().tolist()
-    with pytest.raises(ValueError, match="arrived as int16"):
-        decode_state(bf16, "float32")
-    with pytest.raises(ValueError, match="transfer_dtype must be one of"):
-        encode_state(state, "int8")
