@@ -159,7 +159,7 @@ def test_audit_blocks_forbidden_content(tmp_path, tiny_state, monkeypatch):
     assert ReplyAudit("site_a", tmp_path / "audit").replies[-1]["kind"] == "error"
 
 
-def test_client_cli_audit_flag_reaches_the_node_config(tmp_path, monkeypatch, capsys):
+def test_client_cli_audit_flag_reaches_the_node_config(tmp_path, monkeypatch, capfd):
     """`autosam-client --audit --audit-dir DIR` hands `audit`/`audit-dir` to the SuperNode's node config."""
     from flwr.common.config import parse_config_args
 
@@ -176,14 +176,21 @@ def test_client_cli_audit_flag_reaches_the_node_config(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(processes.ProcessTracker, "popen", fake_popen)
     monkeypatch.setattr(cli.signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handling
+    import autosam_fl.connect
+
+    monkeypatch.setattr(autosam_fl.connect, "probe_superlink", lambda *a, **k: None)  # as if it answered
     args = ["--site", str(site_yaml), "--superlink", "127.0.0.1:1", "--insecure"]
     assert cli.main(args + ["--audit", "--audit-dir", str(tmp_path / "aud")]) == 1
-    assert seen["node_config"] == {P.NODE_SITE_CONFIG: str(site_yaml.resolve()), P.NODE_AUDIT: True,
-                                   P.NODE_AUDIT_DIR: str((tmp_path / "aud").resolve())}
-    assert "reply audit on" in capsys.readouterr().out
-    assert cli.main(args) == 1 and seen["node_config"] == {P.NODE_SITE_CONFIG: str(site_yaml.resolve())}
+    cfg = seen["node_config"]  # the site worker's socket and the site id travel too (issue 12)
+    assert {k: cfg.get(k) for k in (P.NODE_SITE_CONFIG, P.NODE_AUDIT, P.NODE_AUDIT_DIR)} == {
+        P.NODE_SITE_CONFIG: str(site_yaml.resolve()), P.NODE_AUDIT: True,
+        P.NODE_AUDIT_DIR: str((tmp_path / "aud").resolve())}
+    assert "reply audit on" in capfd.readouterr().out
+    assert cli.main(args) == 1
+    assert seen["node_config"][P.NODE_SITE_CONFIG] == str(site_yaml.resolve())
+    assert P.NODE_AUDIT not in seen["node_config"] and P.NODE_AUDIT_DIR not in seen["node_config"]
     assert cli.main(args + ["--audit-dir", str(tmp_path / "aud")]) == cli.EXIT_CONFIG  # needs --audit
-    assert "--audit-dir needs --audit" in capsys.readouterr().err
+    assert "--audit-dir needs --audit" in capfd.readouterr().err
 
 
 # ----- DP accounting at one site -------------------------------------------------------------------------
