@@ -156,3 +156,25 @@ def test_cosine_schedule_by_hand():
     const = lr_schedule(torch.optim.SGD([p], lr=0.3), 5, "constant")
     assert const.get_last_lr() == [0.3]
 
+
+
+def test_dp_sgd_trains_the_sam_head(tiny_sam):
+    """The sam_head g (reads SAM's embeddings, no image) is DP-compatible and trains under DP-SGD."""
+    from autosam_core.privacy import dp_train_epochs, make_autosam_private_compatible
+
+    model = make_autosam_private_compatible(
+        build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16), sam=tiny_sam))
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(4):
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10:30, 20:40] = 1
+        target, (h, w) = model.low_res_target(mask)
+        items.append({"image_embeddings": torch.randn(256, 64, 64, generator=gen).half(), "target": target,
+                      "valid": torch.tensor([h, w])})
+    before = {k: v.clone() for k, v in model.trainable_state().items()}
+    stats = dp_train_epochs(model, items, epochs=1, batch_size=2, noise_multiplier=1.0, max_grad_norm=1.0,
+                            lr=1e-3, weight_decay=0.0, insecure_seed=0)
+    assert stats["steps"] >= 1
+    after = model.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
