@@ -51,6 +51,9 @@ from autosam_core.config import ConfigError, SiteConfig, load_yaml_config
 from autosam_fl import protocol as P
 
 EXIT_CONFIG, EXIT_REFUSED, EXIT_CONNECT = 2, 3, 4
+#: Seconds the SuperNode keeps running after the run's last reply, so that it reaches the SuperLink.
+FINAL_REPLY_GRACE_SECONDS = 10.0
+
 #: Default of --max-wait-time: how long a site waits for a coordinator that is not listening yet.
 DEFAULT_MAX_WAIT = 300.0
 
@@ -271,11 +274,14 @@ def main(argv: list[str] | None = None) -> int:
             reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose), daemon=True)
             reader.start()
             activation_failed = connected = False
-            next_beat = 0.0
+            next_beat, stop_at = 0.0, None
             while proc.poll() is None or not events.empty():
                 if connected and time.monotonic() >= next_beat:
                     marker.beat()
                     next_beat = time.monotonic() + 5.0
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    tracker.stop()
+                    stop_at = None
                 try:
                     what = events.get(timeout=0.5)
                 except queue.Empty:
@@ -290,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                     finished = True
                     print(f"[autosam] site {site.site_id}: run {max(console.done_runs)} finished; last reply sent. "
                           "Stopping (use --serve to keep serving the next runs)", flush=True)
-                    tracker.stop()
+                    # The SuperNode logs "sent" when the ClientApp handed it the reply; it still has to
+                    # push it to the SuperLink (stopping at once lost site replies: "Node Unavailable").
+                    stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS
             rc = 0 if finished else proc.returncode
             if connected and (finished or proc.returncode == 0):
                 marker.clear()  # the SuperNode exited cleanly and signed off (deactivated its node)
