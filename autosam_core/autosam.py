@@ -112,13 +112,20 @@ class AutoSam(nn.Module):
             low_res_logits float32 (B, 1, 256, 256).
         """
         dense = self.dense_prompt(image_embeddings, g_inputs)
-        low = self.sam.decode(image_embeddings, dense)
+        return self.refine_low_res(image_embeddings, self.sam.decode(image_embeddings, dense), dense, valid)
+
+    @torch.no_grad()
+    def refine_low_res(self, image_embeddings: torch.Tensor, low_res_logits: torch.Tensor,
+                       dense_prompt_embeddings: torch.Tensor, valid: list[tuple[int, int]] | None = None
+                       ) -> torch.Tensor:
+        """Apply ``self.refine`` to a first pass's low_res_logits (B, 1, 256, 256); "none" returns them."""
         if self.refine == "box":
-            low = self.sam.refine_with_boxes(image_embeddings, low, dense, valid=valid)
-        elif self.refine == "box_only":
-            no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(dense.dtype)
-            low = self.sam.refine_with_boxes(image_embeddings, low, no_mask.expand_as(dense), valid=valid)
-        return low
+            return self.sam.refine_with_boxes(image_embeddings, low_res_logits, dense_prompt_embeddings, valid=valid)
+        if self.refine == "box_only":
+            no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            no_mask = no_mask.to(dense_prompt_embeddings.dtype).expand_as(dense_prompt_embeddings)
+            return self.sam.refine_with_boxes(image_embeddings, low_res_logits, no_mask, valid=valid)
+        return low_res_logits
 
     def surrogate_logits(self, g_inputs: torch.Tensor | None, image_embeddings: torch.Tensor | None = None
                          ) -> torch.Tensor:

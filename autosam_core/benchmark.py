@@ -114,9 +114,9 @@ def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_e
         dense = model.dense_prompt(emb, g_in)  # g(I) once, shared by SAM(g(I)) and h(g(I))
     t_g = time.perf_counter() - t0
     auto_low = sam.decode(emb, dense)
-    if model.refine != "none":  # the model's own automatic refinement (no ground truth)
+    if model.refine != "none":  # the model's own automatic refinement (no ground truth), on the same first pass
         with autocast(sam.device, sam.precision):
-            auto_low = model.predict_low_res(emb, g_in, valid=[resized_shape((H, W), sam.spec.low_res_size[0])])
+            auto_low = model.refine_low_res(emb, auto_low, dense, valid=[resized_shape((H, W), sam.spec.low_res_size[0])])
     if "autosam" in methods:
         finish("autosam", auto_low, t0)
     if "surrogate" in methods and model.surrogate_decoder is not None:
