@@ -152,7 +152,7 @@ def run_benchmark(model: AutoSam, refs: list[DataRef], out_dir: str | Path, meth
     """
     from tqdm import tqdm
 
-    from .engine import resolve_pairs
+    from .data.dataset import resolve_pairs
 
     methods = methods or list(METHODS)
     out_dir = Path(out_dir)

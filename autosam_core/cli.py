@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,94 +69,21 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----- train ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_copy, save_checkpoint
-    from .config import TrainJobConfig, config_hash, load_yaml_config
-    from .data.cache import EmbeddingCache
-    from .data.io import load_image
-    from .engine import (AutoSamDataset, build_autosam, evaluate_pairs, lr_schedule, make_loader, resolve_pairs,
-                         split_validation, train_epochs, train_surrogate)
-    from .precision import grad_scaler
-    from .sam import load_frozen_sam
+    from .central_training import train_central
+    from .config import TrainJobConfig, load_yaml_config
 
     cfg = load_yaml_config(args.config, TrainJobConfig)
     if args.epochs is not None:  # through validation, like the YAML's own value
         cfg = _validated_override(cfg, args.config, ("train", "epochs"), args.epochs)
-    base = Path(args.config).resolve().parent
-    # data errors (also unreadable images or masks) before the model is built or anything encoded
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
-    for ref in cfg.evaluate:
-        resolve_pairs(ref, base)
-    out = Path(args.output or Path(cfg.output_dir) / cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
-    device, precision = _runtime(args, cfg)
-    sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint).to(device).set_precision(precision)
-    model = build_autosam(cfg.sam, cfg.model, sam=sam, seed=cfg.train.seed)
-    counts = model.num_trainable_parameters()
-    log.info("AutoSAM: SAM %s (%d params, %d trainable), g %s %d params, h %d params", cfg.sam.kind,
-             counts["sam_params"], counts["sam_trainable_params"], cfg.model.backbone, counts["g_params"],
-             counts["h_params"])
-    train_pairs, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
-    log.info("training on %d images, validating on %d (held out from the training split)",
-             len(train_pairs), len(val_pairs))
-    cache = EmbeddingCache(model.sam, cfg.cache_dir) if cfg.train.use_cache else None
-    if cache is not None:
-        stats = cache.ensure([p.image_path for p in train_pairs + val_pairs], load_image)
-        log.info("embedding cache: %d cached, %d computed in %.1f s", stats["cached"], stats["computed"],
-                 stats["seconds"])
-    loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed),
-                         cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = lr_schedule(opt, cfg.train.epochs * len(loader), cfg.train.schedule, cfg.train.warmup_fraction)
-    scaler = grad_scaler(device, precision)
-    meta = {"sam": cfg.sam.model_dump(), "model": cfg.model.model_dump(), "backbone": cfg.model.backbone,
-            "sam_kind": cfg.sam.kind, "sam_weights": sam.weights_id, "precision": precision,
-            "config_hash": config_hash(cfg), "name": cfg.name}
-    history, best, best_row = [], -1.0, None
-    t_start = time.perf_counter()
-    for epoch in range(1, cfg.train.epochs + 1):
-        stats = train_epochs(model, loader, 1, opt, desc=f"epoch {epoch}/{cfg.train.epochs}", scheduler=scheduler,
-                             scaler=scaler)
-        val = evaluate_pairs(model, val_pairs, cache) if val_pairs else {"dice": float("nan"), "iou": float("nan")}
-        row = {"epoch": epoch, "train_loss": stats["loss"], "train_dice": stats["dice"], "val_dice": val["dice"],
-               "val_iou": val["iou"], "seconds": stats["seconds"],
-               "seconds_per_step": stats["seconds"] / max(stats["steps"], 1)}
-        history.append(row)
-        log.info("epoch %d: loss %.4f train Dice %.3f val Dice %.3f (%.1f s, %.2f s/step)", epoch, row["train_loss"],
-                 row["train_dice"], row["val_dice"], row["seconds"], row["seconds_per_step"])
-        save_checkpoint(out / "last.pt", model.trainable_state(), {**meta, "epoch": epoch, **row})
-        if not val_pairs or val["dice"] > best:  # no validation split: the last epoch is the best
-            best, best_row = (val["dice"] if val_pairs else best), row
-            atomic_copy(out / "last.pt", out / "best.pt")  # same bytes: no second serialisation
-        _write_json(out / "history.json", history)
-    if model.surrogate_decoder is not None and cfg.train.surrogate_epochs > 0:
-        from .checkpoint import load_checkpoint
-
-        if (out / "best.pt").is_file():
-            model.load_trainable_state(load_checkpoint(out / "best.pt")["trainable_state"])
-        h_loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed),
-                               cfg.train.surrogate_batch_size, shuffle=True, seed=cfg.train.seed)
-        h_stats = train_surrogate(model, h_loader, cfg.train.surrogate_epochs, cfg.train.lr, cfg.train.weight_decay)
-        log.info("surrogate decoder h: loss %.4f Dice %.3f (%.1f s)", h_stats["loss"], h_stats["dice"], h_stats["seconds"])
-        best_meta = {**meta, **(best_row or {}), "surrogate": h_stats}  # the best epoch's row, not the last
-        save_checkpoint(out / "best.pt", model.trainable_state(), best_meta)
-    minutes = (time.perf_counter() - t_start) / 60
-    _plot_history(history, out / "training.png")
-    summary = {"name": cfg.name, "train_images": len(train_pairs), "val_images": len(val_pairs),
-               "epochs": cfg.train.epochs, "device": str(device), "precision": precision,
-               "best_epoch": best_row["epoch"] if best_row else None, "minutes": minutes, "history": history, "checkpoint": str(out / "best.pt")}
-    if cfg.evaluate:
-        from .engine import model_from_checkpoint
-
-        best_model, _ = model_from_checkpoint(out / "best.pt", sam=model.sam)
-        results = _evaluate_refs(best_model, cfg.evaluate, cache_dir=cfg.cache_dir, base=base)
-        summary["evaluation"] = results
+    summary = train_central(cfg, args.config, output=args.output, device=getattr(args, "device", None),
+                            precision=getattr(args, "precision", None))
+    results = summary.get("evaluation")
+    if results:
         print(format_table(results, f"{cfg.name}: best checkpoint on the benchmark splits"))
         for line in _skipped_lines(results):
             print(line)
-    _write_json(out / "summary.json", summary)
-    print(f"\ntrained {len(train_pairs)} images x {cfg.train.epochs} epochs in {minutes:.1f} min; "
-          f"checkpoint {out / 'best.pt'}")
+    print(f"\ntrained {summary['train_images']} images x {cfg.train.epochs} epochs in {summary['minutes']:.1f} min; "
+          f"checkpoint {summary['checkpoint']}")
     return 0
 
 
@@ -183,44 +109,6 @@ def _validated_override(cfg, path, key: tuple[str, ...], value):
         raise ConfigError(f"{path}: command-line override {'.'.join(key)}={value!r} is invalid: {msgs}") from None
 
 
-def _plot_history(history: list[dict], path: Path) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o")
-    ax[0].set(title="training loss (BCE + Dice)", xlabel="epoch")
-    ax[1].plot(ep, [h["train_dice"] for h in history], marker="o", label="train")
-    ax[1].plot(ep, [h["val_dice"] for h in history], marker="o", label="validation")
-    ax[1].set(title="Dice", xlabel="epoch", ylim=(0, 1))
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _evaluate_refs(model, refs, cache_dir=None, base=None, surrogate=False) -> dict:
-    """{label: {"dice", "iou", "num_images", "skipped", "skipped_reasons", ...}}; unreadable pairs are skipped."""
-    from .data.cache import EmbeddingCache
-    from .engine import evaluate_pairs, resolve_data
-
-    cache = EmbeddingCache(model.sam, cache_dir)
-    results = {}
-    for ref in refs:
-        report = resolve_data(ref, base, unreadable="skip")
-        r = evaluate_pairs(model, report.pairs, cache, surrogate=surrogate, progress=True, desc=ref.label)
-        r.pop("per_image")
-        r["skipped"] = report.num_skipped
-        r["skipped_reasons"] = report.summary() if report.num_skipped else ""
-        results[ref.label] = r
-    return results
-
-
 def _skipped_lines(results: dict) -> list[str]:
     """One line per dataset that skipped pairs: 'skipped N in LABEL: <reasons>'."""
     return [f"skipped {r['skipped']} image/mask pair(s) in {label}: {r['skipped_reasons']}"
@@ -244,12 +132,13 @@ def _refs_from_args(args) -> list:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine import model_from_checkpoint
+    from .evaluation import evaluate_refs
+    from .model_factory import model_from_checkpoint
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
     refs = _refs_from_args(args)
-    results = _evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
+    results = evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
     what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
     print(format_table(results, f"{what}, checkpoint {args.checkpoint} (SAM {meta.get('sam_kind')})"))
     for line in _skipped_lines(results):
@@ -264,7 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.io import ImageFormatError, load_image
-    from .engine import model_from_checkpoint
+    from .model_factory import model_from_checkpoint
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():  # before the model is built
@@ -303,7 +192,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .config import TrainJobConfig, load_yaml_config
     from .data.cache import EmbeddingCache
     from .data.io import load_image
-    from .engine import resolve_pairs
+    from .data.dataset import resolve_pairs
     from .sam import load_frozen_sam
 
     cfg = load_yaml_config(args.config, TrainJobConfig)
@@ -320,7 +209,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import ModelConfig, SamConfig
-    from .engine import build_autosam
+    from .model_factory import build_autosam
 
     keys = {"preset": args.preset, "surrogate": True, "g_input_size": args.g_input_size}
     if args.backbone:
@@ -354,7 +243,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import format_markdown, run_benchmark
-    from .engine import model_from_checkpoint
+    from .model_factory import model_from_checkpoint
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)

@@ -65,7 +65,10 @@ class ModelConfig(_Strict):
     refine: ``none``, ``box`` or ``box_only`` (inference: SAM is prompted again with the bounding box
     of each connected component of the first mask, plus g's dense prompt (``box``) or SAM's own
     no-mask embedding (``box_only``); fully automatic, no ground truth);
-    surrogate: also train h after g.
+    surrogate: also train h after g;
+    dp_compatible: g's BatchNorm layers are GroupNorm (the DP-SGD variant,
+    :func:`autosam_core.privacy.make_private_compatible`); a federation sets it when its sites train
+    with DP, and checkpoints record it, so a DP checkpoint rebuilds the same g.
     """
 
     preset: Literal["paper", "sam_head"] | None = None
@@ -77,6 +80,7 @@ class ModelConfig(_Strict):
     head_channels: int = Field(256, ge=8)
     refine: Literal["none", "box", "box_only"] = "none"
     surrogate: bool = False
+    dp_compatible: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -187,7 +191,10 @@ class SiteConfig(_Strict):
     persistent folder (privacy ledger, reply audit report; relative to the YAML's folder); keep it
     for the life of the data set: deleting it resets the DP accountant. Default:
     ``$AUTOSAM_SITE_STATE`` or ``<embedding cache root>/site-state``. audit: check and record every
-    reply this site sends (as ``autosam-client --audit``; see :mod:`client.audit`).
+    reply this site sends (as ``autosam-client --audit``; see :mod:`client.audit`). sam_checkpoint:
+    the site's own SAM weights file for ViT kinds (relative to the YAML's folder; LiteMedSAM needs
+    none): the coordinator sends only the SAM kind and its weights fingerprint, never a path, and a
+    site whose weights have another fingerprint refuses to train.
     """
 
     site_id: str
@@ -204,6 +211,7 @@ class SiteConfig(_Strict):
     privacy: PrivacyConfig | None = None
     state_dir: str | None = None
     audit: bool = False
+    sam_checkpoint: str | None = None
 
 
 class StrategyConfig(_Strict):

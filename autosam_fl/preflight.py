@@ -27,11 +27,37 @@ class SiteSummary:
 def load_federation(path: str | Path) -> tuple[FederationConfig, Path]:
     """Load and validate a federation YAML; returns (config, absolute path).
 
+    The returned config's ``model.dp_compatible`` is true when the federation's sites train with DP
+    (:func:`federation_uses_dp`) or the YAML says so, so that every model built from it (the global
+    model, resume checks, checkpoints, the instructions sent to sites) is the same g.
+
     Raises:
-        ConfigError: missing file, bad YAML, unknown key or wrong type (names file and key).
+        ConfigError: missing file, bad YAML, unknown key or wrong type (names file and key); some
+        sites use DP and others not.
     """
     p = Path(path).expanduser().resolve()
-    return load_yaml_config(p, FederationConfig), p
+    fed = load_yaml_config(p, FederationConfig)
+    dp = fed.model.dp_compatible or federation_uses_dp(fed, p)
+    if dp != fed.model.dp_compatible:
+        fed = fed.model_copy(update={"model": fed.model.model_copy(update={"dp_compatible": dp})})
+    return fed, p
+
+
+def federation_uses_dp(fed: FederationConfig, fed_path: Path) -> bool:
+    """True if the federation's sites train with DP (their YAMLs have ``privacy``), False if none does.
+
+    The server needs this to build a DP-compatible global g (GroupNorm). Site YAMLs that are not
+    readable here (a deployment where the coordinator lacks them) count as non-DP; a DP site then
+    refuses the instruction with a clear message (or set ``model.dp_compatible: true`` in the
+    federation YAML).
+
+    Raises:
+        ConfigError: some sites use DP and others not.
+    """
+    from autosam_core.privacy.compat import require_uniform_privacy
+
+    sites = [load_yaml_config(y, SiteConfig) for y in site_yaml_paths(fed, fed_path) if y.is_file()]
+    return require_uniform_privacy(sites) if sites else False
 
 
 def site_yaml_paths(fed: FederationConfig, fed_path: Path) -> list[Path]:
@@ -47,13 +73,13 @@ def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str, unreadable: 
     """Image/mask pairs of ``ref``, with errors naming ``where`` (a file) and ``key``.
 
     ``unreadable``: ``"error"`` for training data (an image or mask that does not decode stops the
-    run before it starts), ``"skip"`` for evaluation data (see :func:`autosam_core.engine.resolve_pairs`).
+    run before it starts), ``"skip"`` for evaluation data (see :func:`autosam_core.data.dataset.resolve_pairs`).
 
     Raises:
         ConfigError: dataset folder missing (key ``<key>.dataset``), split file missing
         (``<key>.split``) or no usable pair (``<key>``).
     """
-    from autosam_core.engine import resolve_dataset_dir, resolve_pairs
+    from autosam_core.data.dataset import resolve_dataset_dir, resolve_pairs
 
     try:
         resolve_dataset_dir(ref, base_dir)
@@ -79,7 +105,7 @@ def check_sites(fed: FederationConfig, fed_path: Path) -> list[SiteSummary]:
         training split (also after the validation hold-out), duplicate ``site_id``, fewer sites
         than ``min_sites``, or DP (``privacy``) on some sites but not all.
     """
-    from autosam_core.engine import split_validation
+    from autosam_core.data.dataset import split_validation
 
     paths = site_yaml_paths(fed, fed_path)
     if len(paths) < fed.min_sites:

@@ -5,8 +5,9 @@ Train instruction (server -> site), ``RecordDict``:
     ``config``  ConfigRecord: ``server-round`` (int, set by Flower's FedAvg, restarts at 1 in a
                 resumed run), ``global-round`` (int, counts across resumed runs), ``local-epochs``
                 (int; 0 = use the site YAML's ``local_epochs``), ``proximal-mu`` (float, FedProx
-                only), ``sam-kind`` / ``sam-checkpoint`` (str), ``model-config`` (JSON of
-                :class:`autosam_core.config.ModelConfig`), ``seed`` (int), ``dp`` (bool: the global g
+                only), ``sam-kind`` (str), ``sam-weights`` (str: the federation's SAM weights
+                fingerprint; never a path), ``model-config`` (JSON of
+                :class:`autosam_core.config.ModelConfig`, ``pretrained`` cleared), ``seed`` (int), ``dp`` (bool: the global g
                 is DP-compatible, BatchNorm replaced by GroupNorm; every site must then set
                 ``privacy``), ``planned-rounds`` (int: the federation's rounds, for DP budgets).
 
@@ -50,7 +51,9 @@ GLOBAL_ROUND = "global-round"
 LOCAL_EPOCHS = "local-epochs"
 PROXIMAL_MU = "proximal-mu"
 SAM_KIND = "sam-kind"
-SAM_CHECKPOINT = "sam-checkpoint"
+#: the federation's SAM weights fingerprint (``FrozenSam.weights_id``); never a file path: a site
+#: loads SAM from its own YAML's ``sam_checkpoint`` and refuses to train if the fingerprints differ.
+SAM_WEIGHTS = "sam-weights"
 MODEL_CONFIG = "model-config"
 SEED = "seed"
 DP = "dp"

@@ -31,8 +31,11 @@ import torch
 from autosam_core.config import DataRef, ModelConfig, SamConfig
 from autosam_core.data.cache import EmbeddingCache
 from autosam_core.data.io import load_image
-from autosam_core.engine import (AutoSamDataset, build_autosam, evaluate_pairs, lr_schedule, make_loader,
-                                 resolve_pairs, train_epochs)
+from autosam_core.data.dataset import resolve_pairs
+from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+from autosam_core.evaluation import evaluate_pairs
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import lr_schedule, train_epochs
 from autosam_core.precision import resolve_device, resolve_precision
 from autosam_core.sam import load_frozen_sam
 

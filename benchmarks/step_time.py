@@ -32,7 +32,10 @@ import torch
 from autosam_core.config import DataRef, ModelConfig, SamConfig
 from autosam_core.data.cache import EmbeddingCache
 from autosam_core.data.io import load_image
-from autosam_core.engine import (AutoSamDataset, build_autosam, make_loader, masked_loss_and_dice, resolve_pairs)
+from autosam_core.data.dataset import resolve_pairs
+from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import masked_loss_and_dice
 from autosam_core.precision import autocast, resolve_device
 from autosam_core.sam import SPECS, FrozenSam, load_frozen_sam
 

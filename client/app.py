@@ -1,7 +1,7 @@
 """The site side of AutoSAM-FL: the train/evaluate handlers behind the ClientApp (:mod:`client.entry`).
 
 For every train instruction the site loads the global trainable state into its AutoSam, trains
-``local-epochs`` epochs on its private data (:class:`autosam_core.engine.SiteTrainer`) and replies
+``local-epochs`` epochs on its private data (:class:`autosam_core.training.SiteTrainer`) and replies
 with exactly ``model.trainable_state()`` plus its sample count and training metrics (see
 :mod:`client.protocol`). The frozen SAM and the images never leave the site.
 
@@ -69,7 +69,7 @@ class SiteRuntime:
 
     site: SiteConfig
     yaml_path: Path
-    trainer: object  # autosam_core.engine.SiteTrainer (imported lazily)
+    trainer: object  # autosam_core.training.SiteTrainer (imported lazily)
     model: AutoSam
     audit: ReplyAudit | None = None
     expected: Signature | None = None
@@ -103,17 +103,39 @@ def resolve_site_yaml(context: Context) -> Path:
         f"(node config found: {dict(node_cfg)})")
 
 
-def _model_key(config: ConfigRecord) -> tuple[str, SamConfig, ModelConfig, bool]:
+def _model_key(config: ConfigRecord, site: SiteConfig, yaml_path: Path) -> tuple[str, SamConfig, ModelConfig, bool]:
+    """(cache key, SAM config, model config, dp) of the instruction, with SAM loaded from the site's own
+    ``sam_checkpoint`` (relative to its YAML), never from a path of the coordinator's."""
     try:
-        sam_cfg = SamConfig(kind=str(config[P.SAM_KIND]), checkpoint=str(config.get(P.SAM_CHECKPOINT, "")) or None)
+        ckpt = site.sam_checkpoint
+        if ckpt and not Path(ckpt).expanduser().is_absolute():
+            ckpt = str((yaml_path.parent / ckpt).resolve())
+        sam_cfg = SamConfig(kind=str(config[P.SAM_KIND]), checkpoint=ckpt or None)
         model_cfg = ModelConfig.model_validate(json.loads(str(config[P.MODEL_CONFIG])))
     except KeyError as err:
         raise SiteSetupError(f"the server's instruction lacks config key {err}; server and site run different "
                              "AutoSAM-FL versions") from None
-    dp = bool(config.get(P.DP, False))
+    dp = bool(config.get(P.DP, False)) or model_cfg.dp_compatible
+    model_cfg = model_cfg.model_copy(update={"dp_compatible": dp})  # the factory builds the DP g from it
     key = json.dumps({"sam": sam_cfg.model_dump(), "model": model_cfg.model_dump(), "seed": int(config.get(P.SEED, 0)),
                       "dp": dp}, sort_keys=True)
     return key, sam_cfg, model_cfg, dp
+
+
+def check_sam_weights(model, expected: str, site: SiteConfig, yaml_path: Path) -> None:
+    """Refuse to train when this site's SAM weights are not the federation's (``expected`` fingerprint,
+    ``FrozenSam.weights_id``; empty: the server did not say, nothing to compare).
+
+    Raises:
+        SiteSetupError: naming both fingerprints and the site's checkpoint path.
+    """
+    ours = model.sam.weights_id
+    if expected and ours != expected:
+        where = (f"its checkpoint {site.sam_checkpoint} (key 'sam_checkpoint' of {yaml_path})" if site.sam_checkpoint
+                 else f"the built-in weights of {model.sam.spec.kind} (no 'sam_checkpoint' in {yaml_path})")
+        raise SiteSetupError(
+            f"site {site.site_id}: SAM weights fingerprint {ours} from {where} differs from the federation's {expected}; "
+            "every site must run the same frozen SAM: point 'sam_checkpoint' at the coordinator's SAM file")
 
 
 def site_state_dir(site: SiteConfig, yaml_path: Path) -> Path:
@@ -149,15 +171,16 @@ def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
         SiteSetupError / ConfigError: unknown site, bad site YAML, missing data, empty split, or a
         DP setting that differs from the federation's.
     """
-    from autosam_core.engine import SiteTrainer, build_autosam
+    from autosam_core.model_factory import build_autosam
+    from autosam_core.training import SiteTrainer
 
     yaml_path = resolve_site_yaml(context)
-    key, sam_cfg, model_cfg, dp = _model_key(config)
+    site = load_yaml_config(yaml_path, SiteConfig)  # milliseconds; names the file and key on error
+    key, sam_cfg, model_cfg, dp = _model_key(config, site, yaml_path)
     runtime_key = f"{yaml_path}|{key}"
     rt = _SITES.get(runtime_key)
     if rt is not None:
         return rt
-    site = load_yaml_config(yaml_path, SiteConfig)
     if (site.privacy is not None) != dp:
         raise SiteSetupError(
             f"{yaml_path}: key 'privacy': this site {'trains with' if site.privacy else 'does not use'} DP but the "
@@ -168,11 +191,8 @@ def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
         log.info("building AutoSam (SAM %s, %s%s) in process %d", sam_cfg.kind, model_cfg.backbone,
                  ", DP" if dp else "", os.getpid())
         model = build_autosam(sam_cfg, model_cfg, seed=int(config.get(P.SEED, 0)))
-        if dp:
-            from autosam_core.privacy import make_autosam_private_compatible
-
-            make_autosam_private_compatible(model)
         _MODELS[key] = model
+    check_sam_weights(model, str(config.get(P.SAM_WEIGHTS, "")), site, yaml_path)
     state_dir = site_state_dir(site, yaml_path)
     if dp:
         from autosam_core.privacy import DPSiteTrainer
@@ -355,7 +375,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     Raises:
         RuntimeError: ``[site <id>] round <r>: ...`` on any failure.
     """
-    from autosam_core.engine import evaluate_pairs
+    from autosam_core.evaluation import evaluate_pairs
 
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))

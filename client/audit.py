@@ -124,29 +124,26 @@ def expected_signature(sam_kind: str, model_config, dp: bool) -> Signature:
     """
     import torch
 
-    from autosam_core.engine import build_prompt_generator
+    from autosam_core.model_factory import build_prompt_generator
     from autosam_core.sam import SPECS
     from autosam_core.surrogate_decoder import SurrogateDecoder
 
-    key = json.dumps({"sam": sam_kind, "model": model_config.model_dump(), "dp": bool(dp)}, sort_keys=True)
+    model_config = model_config.model_copy(update={"dp_compatible": bool(dp) or model_config.dp_compatible})
+    key = json.dumps({"sam": sam_kind, "model": model_config.model_dump()}, sort_keys=True)
     if key in _SIGNATURES:
         return _SIGNATURES[key]
     if sam_kind not in SPECS:
         raise ValueError(f"unknown SAM kind {sam_kind!r}; expected one of {sorted(SPECS)}")
     spec = SPECS[sam_kind]
-    with torch.random.fork_rng():
-        g = build_prompt_generator(model_config, spec.embed_dim, spec.embedding_size, pretrained=False)
-        h = SurrogateDecoder(embed_dim=spec.embed_dim) if model_config.surrogate else None
-    if dp:
-        from autosam_core.privacy import make_private_compatible
-
-        plog = logging.getLogger("autosam_core.privacy")
-        level = plog.level
-        plog.setLevel(logging.WARNING)  # the site's own model build already logged each conversion
-        try:
-            g = make_private_compatible(g)
-        finally:
-            plog.setLevel(level)
+    plog = logging.getLogger("autosam_core.privacy")
+    level = plog.level
+    plog.setLevel(logging.WARNING)  # the site's own model build already logged each DP conversion
+    try:
+        with torch.random.fork_rng():
+            g = build_prompt_generator(model_config, spec.embed_dim, spec.embedding_size, pretrained=False)
+            h = SurrogateDecoder(embed_dim=spec.embed_dim) if model_config.surrogate else None
+    finally:
+        plog.setLevel(level)
     state = {f"prompt_generator.{k}": v for k, v in g.state_dict().items()}
     if h is not None:
         state.update({f"surrogate_decoder.{k}": v for k, v in h.state_dict().items()})

@@ -145,15 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else resolve_run_dir(fed)
         last = run_dir / "checkpoints" / LAST
         if fed.resume and last.is_file():
-            from autosam_core.engine import build_autosam
+            from autosam_core.model_factory import build_autosam
 
-            from .runner import federation_uses_dp
-
-            model = build_autosam(fed.sam, fed.model, seed=fed.seed)
-            if federation_uses_dp(fed, fed_path):
-                from autosam_core.privacy import make_autosam_private_compatible
-
-                make_autosam_private_compatible(model)
+            model = build_autosam(fed.sam, fed.model, seed=fed.seed)  # DP g when the sites use DP
             check_resume_checkpoint(fed, last, model.trainable_state())
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

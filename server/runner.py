@@ -25,9 +25,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from autosam_core.config import ConfigError, FederationConfig, config_hash, load_yaml_config
+from autosam_core.config import ConfigError, FederationConfig, config_hash
 
 from autosam_fl import protocol as P
+from autosam_fl.preflight import load_federation
 
 from . import outputs
 from .strategy import MinSitesError, build_strategy
@@ -45,6 +46,18 @@ def model_hash(fed: FederationConfig) -> str:
     """Hash of what fixes the trainable state's meaning: the SAM and model configs (DP's GroupNorm
     layout shows in the state's keys, which resume also compares)."""
     return config_hash(FederationConfig(name="-", sites=[], sam=fed.sam, model=fed.model))
+
+
+def checkpoint_metadata(fed: FederationConfig, server_round: int, state: dict, validation: dict | None = None,
+                        best: dict | None = None) -> dict:
+    """Metadata of a round's checkpoint: the full ``sam`` and ``model`` configs (``model.dp_compatible``
+    included, so :func:`autosam_core.model_factory.model_from_checkpoint` rebuilds the same g), the round,
+    hashes, validation and the best round so far."""
+    return {"server_round": server_round, "config_hash": config_hash(fed), "model_hash": model_hash(fed),
+            "backbone": fed.model.backbone, "sam_kind": fed.sam.kind,
+            "sam": fed.sam.model_dump(), "model": fed.model.model_dump(),
+            "federation": fed.name, "validation": validation, "best": best,
+            "state_sha256": outputs.state_digest(state)}
 
 
 def resolve_run_dir(fed: FederationConfig, cwd: Path | None = None) -> Path:
@@ -120,28 +133,6 @@ def first_state_mismatch(checkpoint: dict, model: dict) -> str | None:
     return None
 
 
-def federation_uses_dp(fed: FederationConfig, fed_path: Path) -> bool:
-    """True if the federation's sites train with DP (their YAMLs have ``privacy``), False if none does.
-
-    The server needs this to build a DP-compatible global g (GroupNorm). Site YAMLs that are not
-    readable here (a deployment where the coordinator lacks them) count as non-DP; a DP site then
-    refuses the instruction with a clear message.
-
-    Raises:
-        ConfigError: some sites use DP and others not.
-    """
-    from autosam_core.config import SiteConfig
-    from autosam_core.privacy import require_uniform_privacy
-
-    sites = []
-    for s in fed.sites:
-        p = Path(s).expanduser()
-        p = p if p.is_absolute() else fed_path.parent / p
-        if p.is_file():
-            sites.append(load_yaml_config(p, SiteConfig))
-    return require_uniform_privacy(sites) if sites else False
-
-
 class _StreamFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{record.levelname} [autosam] {record.getMessage()}"
@@ -163,7 +154,7 @@ class FederatedServer:
     def __init__(self, fed_path: str | Path, run_dir: str | Path | None = None,
                  node_sites: dict[int, str] | None = None, local_epochs: int = 0):
         self.fed_path = Path(fed_path).expanduser().resolve()
-        self.fed = load_yaml_config(self.fed_path, FederationConfig)
+        self.fed, _ = load_federation(self.fed_path)  # model.dp_compatible from the sites
         self.run_dir = Path(run_dir).resolve() if run_dir else resolve_run_dir(self.fed)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.node_sites = dict(node_sites or {})
@@ -228,17 +219,15 @@ class FederatedServer:
         return self.summary
 
     def _prepare(self) -> None:
-        from autosam_core.engine import CentralEvaluator, build_autosam
+        from autosam_core.evaluation import CentralEvaluator
+        from autosam_core.model_factory import build_autosam
 
         fed = self.fed
         log.info("federation %s (%s): %d rounds, strategy %s, min_sites %d, round_timeout %.0f s, run dir %s",
                  fed.name, self.fed_path, fed.rounds, fed.strategy.name, fed.min_sites, fed.round_timeout, self.run_dir)
-        self.dp = federation_uses_dp(fed, self.fed_path)
+        self.dp = fed.model.dp_compatible  # load_federation set it from the sites' YAMLs
         self.model = build_autosam(fed.sam, fed.model, seed=fed.seed)
         if self.dp:
-            from autosam_core.privacy import make_autosam_private_compatible
-
-            make_autosam_private_compatible(self.model)
             log.info("DP federation: every site trains g with DP-SGD; g uses GroupNorm instead of BatchNorm")
         state = self.model.trainable_state()
         self.resumed_from: dict | None = None
@@ -276,8 +265,11 @@ class FederatedServer:
     def _model_config(self) -> ConfigRecord:
         fed = self.fed
         return ConfigRecord({
-            P.SAM_KIND: fed.sam.kind, P.SAM_CHECKPOINT: fed.sam.checkpoint or "",
-            P.MODEL_CONFIG: json.dumps(fed.model.model_dump()), P.SEED: int(fed.seed),
+            # the architecture, SAM kind and SAM fingerprint; never a coordinator file path (sites own their
+            # files; the global weights replace any pretrained init, so 'pretrained' is not sent)
+            P.SAM_KIND: fed.sam.kind, P.SAM_WEIGHTS: self.model.sam.weights_id,
+            P.MODEL_CONFIG: json.dumps(fed.model.model_copy(update={"pretrained": None}).model_dump()),
+            P.SEED: int(fed.seed),
             P.LOCAL_EPOCHS: self.local_epochs, P.DP: bool(self.dp), P.PLANNED_ROUNDS: int(fed.rounds),
             P.FINAL_ROUND: int(fed.rounds), P.FEDERATED_EVALUATE: not fed.validation,
         })
@@ -327,11 +319,7 @@ class FederatedServer:
                        aggregated=report.aggregated, reply_keys_ok=report.reply_keys_ok,
                        download_bytes=report.download_bytes)
         if server_round > 0:
-            meta = {"server_round": rnd, "config_hash": config_hash(self.fed), "model_hash": model_hash(self.fed),
-                    "backbone": self.fed.model.backbone, "sam_kind": self.fed.sam.kind,
-                    "sam": self.fed.sam.model_dump(), "model": self.fed.model.model_dump(),
-                    "federation": self.fed.name, "validation": validation, "best": self.best,
-                    "state_sha256": outputs.state_digest(state)}
+            meta = checkpoint_metadata(self.fed, rnd, state, validation, self.best)
             if validation and (self.best is None or validation["dice"] > self.best["val_dice"]):
                 self.best = {"round": rnd, "val_dice": validation["dice"], "source": validation["source"]}
                 meta["best"] = self.best

@@ -68,13 +68,9 @@ def preflight(path: str | Path) -> tuple:
     run_dir = resolve_run_dir(fed)
     last = run_dir / "checkpoints" / LAST
     if fed.resume and last.is_file():
-        from autosam_core.engine import build_autosam
+        from autosam_core.model_factory import build_autosam
 
-        model = build_autosam(fed.sam, fed.model, seed=fed.seed)
-        if any(s.config.privacy is not None for s in sites):
-            from autosam_core.privacy import make_autosam_private_compatible
-
-            make_autosam_private_compatible(model)
+        model = build_autosam(fed.sam, fed.model, seed=fed.seed)  # DP g when the sites use DP
         check_resume_checkpoint(fed, last, model.trainable_state())
     return fed, fed_path, sites, run_dir
 

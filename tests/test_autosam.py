@@ -12,7 +12,8 @@ from autosam_core.checkpoint import CheckpointError, load_checkpoint, save_check
 from autosam_core.config import ConfigError, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 from autosam_core.data.cache import EmbeddingCache
 from autosam_core.data.io import load_image
-from autosam_core.engine import build_autosam, masked_loss_and_dice
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import masked_loss_and_dice
 from tests.conftest import save_as_if_cuda
 
 SMALL_G = ModelConfig(backbone="hardnet68", g_input_size=64, surrogate=True)
@@ -148,7 +149,7 @@ def test_config_errors_name_file_and_key(tmp_path):
 
 def test_stems_file_partition(tmp_path, shared_data):
     from autosam_core.config import DataRef
-    from autosam_core.engine import resolve_pairs
+    from autosam_core.data.dataset import resolve_pairs
 
     (tmp_path / "part.txt").write_text("train_3\ntrain_5\n\n")
     pairs = resolve_pairs(DataRef(dataset="GlaS", stems_file="part.txt"), tmp_path)

@@ -22,7 +22,7 @@ from PIL import Image
 from autosam_core.checkpoint import save_checkpoint
 from autosam_core.cli import main
 from autosam_core.config import ModelConfig, SamConfig
-from autosam_core.engine import build_autosam
+from autosam_core.model_factory import build_autosam
 
 G = ModelConfig(backbone="timm:mobilenetv3_small_050", g_input_size=64)
 H, W = 40, 48
@@ -301,7 +301,9 @@ def test_cache_never_stores_and_recomputes_a_poisoned_entry(tiny_sam, tmp_path, 
 
 
 def test_sam_parameters_must_stay_frozen(tiny_sam, tmp_path):
-    from autosam_core.engine import AutoSamDataset, SamNotFrozenError, make_loader, resolve_pairs, train_epochs
+    from autosam_core.data.dataset import resolve_pairs
+    from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+    from autosam_core.training import SamNotFrozenError, train_epochs
     from autosam_core.config import DataRef
 
     model = build_autosam(SamConfig(kind="tiny"), G, sam=tiny_sam)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from autosam_core.benchmark import METHODS, bounding_box, farthest_interior_point, run_benchmark
 from autosam_core.config import DataRef, ModelConfig, SamConfig
-from autosam_core.engine import build_autosam
+from autosam_core.model_factory import build_autosam
 
 
 def test_farthest_interior_point_and_box():

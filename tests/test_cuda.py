@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.cuda,
 @pytest.fixture()
 def gpu_model():
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
     from autosam_core.sam import load_frozen_sam
 
     sam = load_frozen_sam("tiny", seed=0).to("cuda").set_precision("bf16")
@@ -41,7 +41,9 @@ def _pairs(tmp_path, n=4):
 def test_train_step_cache_fill_and_evaluation_on_cuda(gpu_model, tmp_path):
     from autosam_core.data.cache import EmbeddingCache
     from autosam_core.data.io import load_image
-    from autosam_core.engine import AutoSamDataset, evaluate_pairs, make_loader, train_epochs
+    from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+    from autosam_core.evaluation import evaluate_pairs
+    from autosam_core.training import train_epochs
 
     pairs = _pairs(tmp_path)
     cache = EmbeddingCache(gpu_model.sam, tmp_path / "cache")
@@ -62,7 +64,8 @@ def test_dp_step_on_cuda(tmp_path):
     from autosam_core.config import ModelConfig, SamConfig
     from autosam_core.data.cache import EmbeddingCache
     from autosam_core.data.io import load_image
-    from autosam_core.engine import AutoSamDataset, build_autosam
+    from autosam_core.data.torch_dataset import AutoSamDataset
+    from autosam_core.model_factory import build_autosam
     from autosam_core.privacy import dp_train_epochs, make_autosam_private_compatible
     from autosam_core.sam import load_frozen_sam
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from autosam_core.config import DataRef, ModelConfig, SamConfig, SiteConfig
-from autosam_core.engine import SiteTrainer, build_autosam
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import SiteTrainer
 
 G = ModelConfig(backbone="timm:mobilenetv3_small_050", g_input_size=64)
 
@@ -68,7 +69,8 @@ def test_initial_model_follows_the_seed(tiny_sam):
 
 
 def test_augmentation_stream_follows_the_seed(tiny_sam, tmp_path):
-    from autosam_core.engine import AutoSamDataset, resolve_pairs
+    from autosam_core.data.dataset import resolve_pairs
+    from autosam_core.data.torch_dataset import AutoSamDataset
 
     model = build_autosam(SamConfig(kind="tiny"), G, sam=tiny_sam)
     pairs = resolve_pairs(DataRef(dataset=str(_dataset(tmp_path / "ds", n=1))))

@@ -13,8 +13,11 @@ from autosam_core.cli import main
 from autosam_core.config import DataRef, ModelConfig, SamConfig
 from autosam_core.data.cache import EmbeddingCache
 from autosam_core.data.io import load_image
-from autosam_core.engine import (AutoSamDataset, build_autosam, evaluate_pairs, make_loader,
-                                 masked_loss_and_dice, recalibrate_batchnorm, resolve_pairs)
+from autosam_core.data.dataset import resolve_pairs
+from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+from autosam_core.evaluation import evaluate_pairs
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import masked_loss_and_dice, recalibrate_batchnorm
 
 pytestmark = pytest.mark.e2e
 

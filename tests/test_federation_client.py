@@ -27,7 +27,7 @@ TRAINABLE = ("prompt_generator.", "surrogate_decoder.")
 
 def _instruction(state, node: int, rnd: int, message_type: str = "train", model: dict | None = None,
                  **extra) -> Message:
-    cfg = ConfigRecord({P.SERVER_ROUND: rnd, P.SAM_KIND: "tiny", P.SAM_CHECKPOINT: "",
+    cfg = ConfigRecord({P.SERVER_ROUND: rnd, P.SAM_KIND: "tiny",
                         P.MODEL_CONFIG: json.dumps(model or TINY_MODEL), P.SEED: 0, P.LOCAL_EPOCHS: 1, **extra})
     meta = Metadata(run_id=1, message_id=f"ins-{node}-{rnd}-{time.time_ns()}", src_node_id=0, dst_node_id=node,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=message_type)
@@ -48,7 +48,7 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def initial_state():
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
 
     return build_autosam(SamConfig(kind="tiny"), ModelConfig(**TINY_MODEL)).trainable_state()
 
@@ -117,7 +117,7 @@ def test_dp_site_uses_groupnorm_g_and_skips_when_budget_spent(tmp_path, monkeypa
     num-examples 0 (which the server ignores); a DP setting that differs from the federation's is refused.
     (DP-SGD itself is tested in the core's privacy tests; it is too slow for this suite.)"""
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
     from autosam_core.privacy import DPSiteTrainer, make_autosam_private_compatible
     from tests.fl_helpers import make_dataset, write_yaml
 

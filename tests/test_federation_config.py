@@ -142,7 +142,7 @@ def test_validation_must_be_disjoint_from_test_and_training(tmp_path):
 def test_resume_checkpoint_from_other_backbone_refused_before_any_site(tmp_path):
     from autosam_core.checkpoint import save_checkpoint
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
     from server.runner import CheckpointMismatchError
     from server.simulation import preflight
 

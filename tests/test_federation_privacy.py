@@ -34,7 +34,7 @@ from tests.test_federation_simulation import PNG, no_leftover_processes  # noqa:
 @pytest.fixture(scope="module")
 def tiny_state():
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
 
     return build_autosam(SamConfig(kind="tiny"), ModelConfig(**TINY_MODEL)).trainable_state()
 
@@ -199,7 +199,7 @@ def test_dp_site_accounts_across_fresh_processes_and_stops_at_budget(tmp_path, m
     fresh process B, round 3 back in A (as when simulation actors take turns serving a site): A must
     account from the file, not from its stale copy (with which round 3 would still fit the budget)."""
     from autosam_core.config import ModelConfig, SamConfig
-    from autosam_core.engine import build_autosam
+    from autosam_core.model_factory import build_autosam
     from autosam_core.privacy import make_autosam_private_compatible
 
     monkeypatch.setenv("AUTOSAM_CACHE", str(tmp_path / "cache"))

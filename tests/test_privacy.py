@@ -235,7 +235,7 @@ def test_per_sample_gradients_only_for_g_and_independent_across_samples(tiny_sam
         assert torch.allclose(grads_ab[n][0], grads_ac[n][0], rtol=1e-5, atol=1e-7), n
     assert any(not torch.allclose(grads_ab[n][1], grads_ac[n][1]) for n in g_names)
     # ... and the per-sample gradients average to the ordinary gradient of the batch-mean loss.
-    from autosam_core.engine import masked_loss_and_dice
+    from autosam_core.training import masked_loss_and_dice
 
     batch = default_collate([a, b])
     loss, _ = masked_loss_and_dice(model(batch["image_embeddings"], batch["g_input"]), batch["target"],

@@ -11,7 +11,8 @@ import torch
 
 from autosam_core.boundary import boundary_length, boundary_ratio
 from autosam_core.config import ModelConfig, SamConfig
-from autosam_core.engine import build_autosam, lr_schedule
+from autosam_core.model_factory import build_autosam
+from autosam_core.training import lr_schedule
 from autosam_core.precision import cpu_has_fast_bf16, resolve_device, resolve_precision
 from autosam_core.prompt_generator import PromptGenerator
 

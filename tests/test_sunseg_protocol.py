@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest

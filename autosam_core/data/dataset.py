@@ -1,4 +1,5 @@
-"""Dataset discovery and image/mask pairing by file stem (the torch dataset is engine.AutoSamDataset).
+"""Dataset discovery, image/mask pairing by file stem, a config's data reference resolved to pairs, and
+the seeded validation hold-out (the torch dataset is :class:`autosam_core.data.torch_dataset.AutoSamDataset`).
 
 Data layout (docs/DESIGN.md section 6, ``../shared/data/README.md``)::
 
@@ -9,19 +10,27 @@ Data layout (docs/DESIGN.md section 6, ``../shared/data/README.md``)::
 Images and masks are paired by stem, never by sorted order (docs/DESIGN.md section 1, known flaws of the
 public AutoSAM code). Image/mask sizes are compared from the file headers and mismatches are rejected,
 never padded. Nothing is dropped silently: every skipped file is listed in a :class:`PairingReport`.
-This module does not import torch.
+This module does not import torch (the config module, which does, is imported only when a
+:class:`~autosam_core.config.DataRef` is resolved).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .io import ImageFormatError, image_size, load_image, load_mask
+
+if TYPE_CHECKING:
+    from ..config import DataRef
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -385,3 +394,90 @@ def verify_pixels(report: PairingReport, pairs: Sequence[Pair] | None = None) ->
             good.append(pair)
     report.pairs = good
     return report
+
+
+def resolve_dataset_dir(ref: DataRef, base_dir: Path | None = None) -> Path:
+    """Folder of ``ref.dataset``: absolute, relative to ``base_dir`` if it exists there, else under
+    the data root (``$AUTOSAM_DATA`` or ``../shared/data``).
+
+    Raises:
+        ConfigError: the folder does not exist or lacks images/ and masks/.
+    """
+    from ..config import ConfigError
+
+    p = Path(ref.dataset)
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [data_root() / p]
+    for c in candidates:
+        if (c / "images").is_dir() and (c / "masks").is_dir():
+            return c
+    raise ConfigError(
+        f"dataset {ref.dataset!r}: no folder with images/ and masks/ at {', '.join(map(str, candidates))}; "
+        "fix the 'dataset' key or set AUTOSAM_DATA to the data root")
+
+
+def resolve_pairs(ref: DataRef, base_dir: Path | None = None, unreadable: str = "skip") -> list[Pair]:
+    """Image/mask pairs of one :class:`DataRef` (split, then the first ``limit`` stems).
+
+    Every selected image and mask is decoded in full first
+    (:func:`autosam_core.data.dataset.verify_pixels`), so an unreadable file is found before any
+    model is built or image encoded. Skipped pairs (missing mask, size mismatch, unreadable, ...)
+    are logged by reason, never dropped silently.
+
+    Args:
+        unreadable: ``"skip"`` (evaluation: leave unreadable pairs out, logged and counted) or
+            ``"error"`` (training: stop at once listing every bad file, its reason and how to
+            exclude it).
+
+    Raises:
+        ConfigError: missing folder or split file, zero usable pairs, or (``unreadable="error"``)
+        any image/mask that cannot be read.
+    """
+    return resolve_data(ref, base_dir, unreadable).pairs
+
+
+def resolve_data(ref: DataRef, base_dir: Path | None = None, unreadable: str = "skip") -> PairingReport:
+    """Like :func:`resolve_pairs`, returning the whole :class:`PairingReport` (pairs and skips by reason)."""
+    from ..config import ConfigError
+
+    if unreadable not in ("skip", "error"):
+        raise ValueError(f"unreadable must be 'skip' or 'error', found {unreadable!r}")
+    d = resolve_dataset_dir(ref, base_dir)
+    if ref.split and ref.stems_file:
+        raise ConfigError(f"dataset {ref.dataset!r}: give either 'split' or 'stems_file', not both")
+    stems = read_split(d, ref.split) if ref.split else None
+    if ref.stems_file:
+        f = Path(ref.stems_file)
+        f = f if f.is_absolute() or base_dir is None else base_dir / f
+        if not f.is_file():
+            raise ConfigError(f"stems_file {f} not found (one image stem per line)")
+        stems = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    if stems is not None and ref.limit:
+        stems = stems[: ref.limit]
+    report = pair_by_stem(d / "images", d / "masks", stems=stems)
+    header_unreadable = len(report.unreadable)
+    verify_pixels(report, report.pairs[: ref.limit] if stems is None and ref.limit else None)
+    if unreadable == "error" and report.unreadable:
+        lines = "\n".join(f"  {path}: {why}" for _, path, why in report.unreadable)
+        raise ConfigError(
+            f"dataset {d}{f' split {ref.split!r}' if ref.split else ''}: {len(report.unreadable)} unreadable "
+            f"image/mask file(s); nothing was trained or encoded:\n{lines}\n"
+            "re-export or remove these files, or exclude their stems: list the stems to use in "
+            "'stems_file' (or a split file under splits/ named by 'split')")
+    if report.num_skipped:
+        log.warning("%s: %s", ref.label, report.summary())
+    if len(report.unreadable) > header_unreadable:
+        log.warning("%s: %d unreadable image/mask pairs skipped", ref.label, len(report.unreadable))
+    if not report.pairs:
+        raise ConfigError(f"dataset {d} split {ref.split!r}: no usable image/mask pairs ({report.summary()})")
+    return report
+
+
+def split_validation(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``round(fraction * N)`` pairs (seeded shuffle) as a validation split: (train, val)."""
+    n_val = int(round(fraction * len(pairs)))
+    if n_val == 0:
+        return list(pairs), []
+    idx = list(range(len(pairs)))
+    random.Random(seed).shuffle(idx)
+    val = set(idx[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val]

@@ -1,4 +1,4 @@
-"""Per-image Dice and IoU of binary masks (averaging over images is the caller's: engine.evaluate_pairs).
+"""Per-image Dice and IoU of binary masks (averaging over images is the caller's: evaluation.evaluate_pairs).
 
 Source: docs/DESIGN.md section 1 ("Metrics: per-image Dice and IoU after thresholding, averaged over
 images"; threshold logits at 0, never min-max rescale them) and docs/ARCHITECTURE.md

@@ -8,7 +8,7 @@ DP-SGD (Abadi et al., CCS 2016) with an Opacus accountant. One concept per modul
 * :mod:`.accounting` -- Poisson sample rate, steps per epoch, epsilon of a history, noise calibration;
 * :mod:`.ledger` -- :class:`PrivacyLedger`, the accountant history persisted per site;
 * :mod:`.trainer` -- :func:`dp_train_epochs` and :class:`DPSiteTrainer` (drop-in for
-  ``engine.SiteTrainer`` when ``site.privacy`` is set);
+  ``training.SiteTrainer`` when ``site.privacy`` is set);
 * :mod:`.errors` -- :class:`PrivacyWarning`, :class:`DPCompatibilityError`, :class:`PrivacyLedgerError`.
 
 Everything the client, the server and the tests import is re-exported here.

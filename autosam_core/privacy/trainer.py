@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..autosam import AutoSam
 from ..config import ConfigError, PrivacyConfig, SiteConfig
-from ..engine import SiteTrainer, check_sam_frozen, masked_loss_and_dice
+from ..training import SiteTrainer, check_sam_frozen, masked_loss_and_dice
 from .accounting import calibrate_noise_multiplier, check_delta, poisson_sample_rate, steps_per_epoch
 from .compat import check_private_compatible
 from .errors import warn_privacy as _warn
@@ -110,7 +110,7 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
 
     Args:
         model: AutoSam whose g passes :func:`check_private_compatible`.
-        dataset: items as :class:`autosam_core.engine.AutoSamDataset` (``g_input``, ``target``,
+        dataset: items as :class:`autosam_core.data.torch_dataset.AutoSamDataset` (``g_input``, ``target``,
             ``valid`` and ``image_embeddings`` or ``sam_input``).
         epochs: local epochs (>= 1). batch_size: expected batch size B.
         noise_multiplier: sigma (>= 0; 0 means no privacy: epsilon is infinite).

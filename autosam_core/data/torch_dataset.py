@@ -1,0 +1,79 @@
+"""The torch Dataset of AutoSAM samples (cached image_embeddings or SAM input, g input, low-res target)
+and its DataLoader. Pairing files is :mod:`autosam_core.data.dataset`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import EmbeddingCache
+from .dataset import Pair
+from .io import load_image, load_mask
+from .transforms import build_augmentation
+
+if TYPE_CHECKING:
+    from ..autosam import AutoSam
+
+
+class AutoSamDataset(Dataset):
+    """Training/evaluation samples for AutoSAM.
+
+    Items are dicts with ``g_input`` float32 (3, G, G) (absent when g reads no image), ``target`` float32 (1, 256, 256) in {0, 1}
+    (low-res frame, padding = 0), ``valid`` int64 (2,) = (h, w) of the content region in that frame,
+    and either ``image_embeddings`` float16 (256, 64, 64) from the cache or ``sam_input`` float32
+    (3, S, S) to be encoded by the caller (uncached, paper-exact path).
+
+    With a cache only photometric augmentation is applied (to g's input): the cached embeddings
+    were computed from the unaugmented image, so the geometry must not change. Without a cache the
+    full preset is applied to image and mask before both SAM and g see them. ``seed`` seeds the
+    augmentation's own random stream (see :meth:`reseed`).
+    """
+
+    def __init__(self, model: AutoSam, pairs: Sequence[Pair], augmentation: str = "none",
+                 cache: EmbeddingCache | None = None, seed: int = 0):
+        self.model = model
+        self.pairs = list(pairs)
+        self.cache = cache
+        self.augment = build_augmentation(augmentation, photometric_only=cache is not None, seed=seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's own random stream (albumentations does not use torch's RNG)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(int(seed))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        mask = load_mask(pair.mask_path)
+        out: dict = {}
+        if self.cache is not None and not self.model.reads_images:
+            # g reads only the cached SAM embeddings: the image itself is never decoded.
+            out["image_embeddings"] = self.cache.get(pair.image_path)
+            target, (h, w) = self.model.low_res_target(mask)
+            out.update(target=target, valid=torch.tensor([h, w]))
+            return out
+        image = load_image(pair.image_path)
+        if self.cache is not None:
+            out["image_embeddings"] = self.cache.get(pair.image_path)
+            if self.augment is not None:
+                image = self.augment(image=image)["image"]
+        else:
+            if self.augment is not None:
+                r = self.augment(image=image, mask=mask)
+                image, mask = r["image"], r["mask"]
+            out["sam_input"] = self.model.sam.preprocess(image)[0]
+        target, (h, w) = self.model.low_res_target(mask)
+        out.update(g_input=self.model.g_input(image), target=target, valid=torch.tensor([h, w]))
+        return out
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A CPU DataLoader (main process; workers would duplicate SAM-sized memory)."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
