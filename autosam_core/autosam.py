@@ -43,7 +43,8 @@ class AutoSam(nn.Module):
     """
 
     def __init__(self, sam: FrozenSam, prompt_generator: nn.Module, surrogate_decoder: nn.Module | None = None,
-                 g_input_size: int = 256, refine: str = "none"):
+                 g_input_size: int = 256, refine: str = "none", refine_min_fraction: float = 0.1,
+                 refine_margin: float = 0.0, refine_iterations: int = 1):
         super().__init__()
         if refine not in REFINE_MODES:
             raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, found {refine!r}")
@@ -52,6 +53,8 @@ class AutoSam(nn.Module):
         self.surrogate_decoder = surrogate_decoder
         self.g_input_size = g_input_size
         self.refine = refine
+        self.refine_min_fraction, self.refine_margin = float(refine_min_fraction), float(refine_margin)
+        self.refine_iterations = int(refine_iterations)
 
     @property
     def reads_images(self) -> bool:
@@ -118,14 +121,23 @@ class AutoSam(nn.Module):
     def refine_low_res(self, image_embeddings: torch.Tensor, low_res_logits: torch.Tensor,
                        dense_prompt_embeddings: torch.Tensor, valid: list[tuple[int, int]] | None = None
                        ) -> torch.Tensor:
-        """Apply ``self.refine`` to a first pass's low_res_logits (B, 1, 256, 256); "none" returns them."""
-        if self.refine == "box":
-            return self.sam.refine_with_boxes(image_embeddings, low_res_logits, dense_prompt_embeddings, valid=valid)
+        """Apply ``self.refine`` to a first pass's low_res_logits (B, 1, 256, 256); "none" returns them.
+
+        ``refine_iterations`` > 1 repeats the box step on its own output (mask -> boxes -> SAM -> mask);
+        ``refine_min_fraction`` and ``refine_margin`` are :meth:`FrozenSam.refine_with_boxes`'s
+        ``min_fraction`` and ``box_margin``.
+        """
+        if self.refine == "none":
+            return low_res_logits
+        dense = dense_prompt_embeddings
         if self.refine == "box_only":
             no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            no_mask = no_mask.to(dense_prompt_embeddings.dtype).expand_as(dense_prompt_embeddings)
-            return self.sam.refine_with_boxes(image_embeddings, low_res_logits, no_mask, valid=valid)
-        return low_res_logits
+            dense = no_mask.to(dense_prompt_embeddings.dtype).expand_as(dense_prompt_embeddings)
+        out = low_res_logits
+        for _ in range(max(self.refine_iterations, 1)):
+            out = self.sam.refine_with_boxes(image_embeddings, out, dense, min_fraction=self.refine_min_fraction,
+                                             valid=valid, box_margin=self.refine_margin)
+        return out
 
     def surrogate_logits(self, g_inputs: torch.Tensor | None, image_embeddings: torch.Tensor | None = None
                          ) -> torch.Tensor:

@@ -64,7 +64,11 @@ class ModelConfig(_Strict):
     fuse_embeddings: g also reads SAM's image_embeddings; head_channels: width of that head;
     refine: ``none``, ``box`` or ``box_only`` (inference: SAM is prompted again with the bounding box
     of each connected component of the first mask, plus g's dense prompt (``box``) or SAM's own
-    no-mask embedding (``box_only``); fully automatic, no ground truth);
+    no-mask embedding (``box_only``); fully automatic, no ground truth); refine_min_fraction:
+    components smaller than this fraction of the largest are not prompted; refine_margin: pixels (SAM
+    input frame) added around each box; refine_iterations: box steps in a row; head_dilated: the
+    embedding head's three 3x3 convs use dilation 1, 2, 4 (receptive field 15 instead of 7 cells of
+    the 64x64 grid);
     surrogate: also train h after g;
     dp_compatible: g's BatchNorm layers are GroupNorm (the DP-SGD variant,
     :func:`autosam_core.privacy.make_private_compatible`); a federation sets it when its sites train
@@ -79,6 +83,10 @@ class ModelConfig(_Strict):
     fuse_embeddings: bool = False
     head_channels: int = Field(256, ge=8)
     refine: Literal["none", "box", "box_only"] = "none"
+    refine_min_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    refine_margin: float = Field(0.0, ge=0.0)
+    refine_iterations: int = Field(1, ge=1, le=5)
+    head_dilated: bool = False
     surrogate: bool = False
     dp_compatible: bool = False
 

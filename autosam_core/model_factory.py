@@ -39,7 +39,9 @@ def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | N
         g = build_prompt_generator(model_cfg, sam.spec.embed_dim, sam.spec.embedding_size)
         h = SurrogateDecoder(embed_dim=sam.spec.embed_dim) if model_cfg.surrogate else None
     g.set_prompt_base(sam.prompt_encoder.no_mask_embed.weight)
-    model = AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size, refine=model_cfg.refine)
+    model = AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size, refine=model_cfg.refine,
+                    refine_min_fraction=model_cfg.refine_min_fraction, refine_margin=model_cfg.refine_margin,
+                    refine_iterations=model_cfg.refine_iterations)
     return model.to(sam.device)
 
 
@@ -54,7 +56,8 @@ def build_prompt_generator(model_cfg: ModelConfig, embed_dim: int = 256,
     g = PromptGenerator(backbone=model_cfg.backbone,
                         pretrained_path=model_cfg.pretrained if pretrained else None,
                         embed_dim=embed_dim, embedding_size=embedding_size, output=model_cfg.output,
-                        fuse_embeddings=model_cfg.fuse_embeddings, head_channels=model_cfg.head_channels)
+                        fuse_embeddings=model_cfg.fuse_embeddings, head_channels=model_cfg.head_channels,
+                        head_dilated=model_cfg.head_dilated)
     return _dp_compatible(g) if model_cfg.dp_compatible else g
 
 

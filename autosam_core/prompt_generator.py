@@ -113,6 +113,8 @@ class PromptGenerator(nn.Module):
             embedding ``prompt_base`` + per-channel gain x tanh(...)).
         fuse_embeddings: the decoder also reads SAM's image_embeddings at 64x64.
         head_channels: channels of the fusion block / the embedding-only head.
+        head_dilated: the embedding-only head's three 3x3 convs use dilations 1, 2, 4 (receptive
+            field 15 x 15 cells of the 64 x 64 grid instead of 7 x 7); same parameters.
 
     Attributes:
         feature_ids: indices into the backbone's feature list of (deepest map, stride-S/2 skip,
@@ -136,7 +138,7 @@ class PromptGenerator(nn.Module):
 
     def __init__(self, backbone: str = "hardnet85", pretrained_path: str | Path | None = None,
                  embed_dim: int = 256, embedding_size: tuple[int, int] = (64, 64), output: str = "tanh",
-                 fuse_embeddings: bool = False, head_channels: int = 256) -> None:
+                 fuse_embeddings: bool = False, head_channels: int = 256, head_dilated: bool = False) -> None:
         super().__init__()
         if output not in ("tanh", "offset"):
             raise ValueError(f"output must be 'tanh' or 'offset', got {output!r}")
@@ -177,7 +179,9 @@ class PromptGenerator(nn.Module):
             c_in = embed_dim + (embed_dim if self.reads_images else 0)
             layers: list[nn.Module] = []
             for i in range(3 if backbone == "none" else 1):
-                layers += [nn.Conv2d(c_in if i == 0 else head_channels, head_channels, 3, padding=1, bias=False),
+                d = 2 ** i if head_dilated else 1
+                layers += [nn.Conv2d(c_in if i == 0 else head_channels, head_channels, 3, padding=d, dilation=d,
+                                     bias=False),
                            nn.BatchNorm2d(head_channels), nn.ReLU()]
             layers.append(nn.Conv2d(head_channels, embed_dim, 1))
             self.fusion = nn.Sequential(*layers)

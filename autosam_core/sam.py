@@ -321,7 +321,8 @@ class FrozenSam(nn.Module):
 
     def refine_with_boxes(self, image_embeddings: torch.Tensor, low_res_logits: torch.Tensor,
                           dense_prompt_embeddings: torch.Tensor, min_fraction: float = 0.1,
-                          valid: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                          valid: list[tuple[int, int]] | None = None, box_margin: float = 0.0,
+                          max_boxes: int = 8) -> torch.Tensor:
         """Automatic box refinement: each connected component of the first mask -> its bounding box
         -> SAM prompted with that box (and the same dense prompt); the union of the component masks
         (pixel-wise max of logits). No ground truth is used. Images whose first mask is empty keep
@@ -337,6 +338,11 @@ class FrozenSam(nn.Module):
                 ignored (speckle), in [0, 1].
             valid: optional per-image (h, w) content region in the low-res frame; foreground in the
                 padding is ignored.
+            box_margin: pixels (in SAM's input frame, e.g. 256 for LiteMedSAM) added on every side of
+                each box, clipped to the content region; >= 0. MedSAM was trained on ground-truth boxes
+                enlarged by a random 0-20 pixels at 1024 (Ma et al. 2024), i.e. 0-5 at 256.
+            max_boxes: at most this many components (the largest) are prompted per image, which bounds
+                the decoder batch for a speckled first mask.
 
         Returns:
             low_res_logits float32 (B, 1, 256, 256).
@@ -357,10 +363,14 @@ class FrozenSam(nn.Module):
             if n == 0:
                 continue
             areas = np.bincount(labels.ravel())[1:]
-            for k in np.flatnonzero(areas >= min_fraction * areas.max()):
+            vh, vw = valid[i] if valid is not None else (lh, lw)
+            keep = np.flatnonzero(areas >= min_fraction * areas.max())
+            for k in sorted(keep[np.argsort(-areas[keep], kind="stable")[:max_boxes]]):
                 rows, cols = np.nonzero(labels == k + 1)
-                boxes.append([cols.min() * scale_x, rows.min() * scale_y, (cols.max() + 1) * scale_x,
-                              (rows.max() + 1) * scale_y])
+                boxes.append([max(cols.min() * scale_x - box_margin, 0.0),
+                              max(rows.min() * scale_y - box_margin, 0.0),
+                              min((cols.max() + 1) * scale_x + box_margin, vw * scale_x),
+                              min((rows.max() + 1) * scale_y + box_margin, vh * scale_y)])
                 owners.append(i)
         if not boxes:
             return low_res_logits.float()

@@ -51,9 +51,21 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                              "constant"),
     "sam_head_offset_cosine": ({"preset": "sam_head", "output": "offset", "refine": "none"}, "cosine"),
 }
+VARIANTS["sam_head_tanh_dilated"] = ({"preset": "sam_head", "output": "tanh", "head_dilated": True, "refine": "none"},
+                                     "constant")
 # Variants trained with another learning rate than --lr (same data, steps and seed).
-VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3}
+VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3, "sam_head_tanh_lr1e-3": 1e-3}
 VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "output": "offset", "refine": "none"}, "constant")
+VARIANTS["sam_head_tanh_lr1e-3"] = ({"preset": "sam_head", "output": "tanh", "refine": "none"}, "constant")
+# Box-refinement settings tried with --refine-sweep (validation only: they need no retraining):
+# name -> AutoSam attributes on top of refine "box_only".
+REFINE_SWEEP = {
+    "box_only:largest": {"refine_min_fraction": 1.0},
+    "box_only:mf0.3": {"refine_min_fraction": 0.3},
+    "box_only:margin3": {"refine_margin": 3.0},
+    "box_only:margin6": {"refine_margin": 6.0},
+    "box_only:iter2": {"refine_iterations": 2},
+}
 TEST = [DataRef(dataset="Kvasir-SEG", split="pranet_test", name="Kvasir"),
         DataRef(dataset="CVC-ClinicDB", split="pranet_test", name="ClinicDB"),
         DataRef(dataset="CVC-ColonDB", name="ColonDB"),
@@ -110,6 +122,18 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
         print(f"{name} seed {seed} refine {refine}: val Dice {100 * val['dice']:.1f}, "
               + ", ".join(f"{k} {100 * v['dice']:.1f}" for k, v in tests.items()), flush=True)
         rows.append(row)
+    if args.refine_sweep:
+        model.refine = "box_only"
+        for label, attrs in REFINE_SWEEP.items():
+            saved = {k: getattr(model, k) for k in attrs}
+            for k, v in attrs.items():
+                setattr(model, k, v)
+            val = evaluate_pairs(model, val_pairs, cache)
+            for k, v in saved.items():
+                setattr(model, k, v)
+            rows.append({**base, "refine": label, "val_dice": val["dice"], "val_boundary_ratio": val["boundary_ratio"],
+                         "test": {}, "refine_settings": attrs})
+            print(f"{name} seed {seed} refine {label}: val Dice {100 * val['dice']:.1f} (validation only)", flush=True)
     return rows
 
 
@@ -119,7 +143,7 @@ def write_report(out: Path) -> Path:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["refine"]), []).append(r)
-    bench = list(rows[0]["test"]) if rows else []
+    bench = next((list(r["test"]) for r in rows if r["test"]), [])
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     lines = ["| variant | refine | seeds | g params (M) | GMACs | s/step | val Dice | "
              + " | ".join(f"{b} Dice" for b in bench) + " | val boundary ratio | MB per round |",
@@ -131,7 +155,8 @@ def write_report(out: Path) -> Path:
         lines.append(
             f"| {variant} | {refine} | {seeds} | {rs[0]['g_params'] / 1e6:.2f} | {rs[0]['gmacs']:.2f} | "
             f"{mean([r['seconds_per_step'] for r in rs]):.2f} | {val_txt} | "
-            + " | ".join(f"{mean([100 * r['test'][b]['dice'] for r in rs]):.1f}" for b in bench)
+            + " | ".join(f"{mean([100 * r['test'][b]['dice'] for r in rs]):.1f}" if rs[0]["test"] else "-"
+                         for b in bench)
             + f" | {mean([r['val_boundary_ratio'] for r in rs]):.2f} | {rs[0]['bytes_per_round'] / 1e6:.1f} |")
     path = out / "ablation_table.md"
     path.write_text("\n".join(lines) + "\n")
@@ -151,6 +176,8 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, help="first N images of each test set (smoke runs only)")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--report", help="only write the table from an existing output folder")
+    p.add_argument("--refine-sweep", action="store_true",
+                   help="also evaluate the REFINE_SWEEP box settings on the validation split")
     args = p.parse_args()
     if args.report:
         print(write_report(Path(args.report)).read_text())

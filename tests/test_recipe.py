@@ -73,6 +73,53 @@ def test_box_refinement_prompts_one_box_per_component(tiny_sam, monkeypatch):
     assert torch.allclose(out[0], torch.maximum(single[0], other[0]), atol=1e-5)  # union = max of logits
 
 
+def test_box_refinement_margin_largest_component_and_iterations(tiny_sam, monkeypatch):
+    """box_margin grows each box on every side, clipped to the content region; min_fraction 1 keeps
+    only the largest component; refine_iterations repeats the box step on its own output."""
+    torch.manual_seed(4)
+    emb = tiny_sam.encode(torch.randn(1, 3, 256, 256))
+    dense = torch.zeros(1, 256, 64, 64)
+    first = torch.full((1, 1, 256, 256), -5.0)
+    first[0, 0, 2:20, 30:60] = 5.0      # near the top edge: the margin is clipped at y = 0
+    first[0, 0, 100:140, 100:150] = 5.0  # the largest component
+    calls = []
+    real_boxes = tiny_sam.box_embeddings
+    monkeypatch.setattr(tiny_sam, "box_embeddings", lambda b: calls.append(b.tolist()) or real_boxes(b))
+    tiny_sam.refine_with_boxes(emb, first, dense, box_margin=4.0, valid=[(256, 148)])
+    assert calls[-1] == [[26.0, 0.0, 64.0, 24.0], [96.0, 96.0, 148.0, 144.0]]  # x1 clipped to the valid width
+    tiny_sam.refine_with_boxes(emb, first, dense, min_fraction=1.0)
+    assert calls[-1] == [[100.0, 100.0, 150.0, 140.0]]
+    tiny_sam.refine_with_boxes(emb, first, dense, max_boxes=1)
+    assert calls[-1] == [[100.0, 100.0, 150.0, 140.0]]  # the largest component only
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=8,
+                                                              refine_iterations=2, refine_margin=2.0),
+                          sam=tiny_sam)
+    steps = []
+    monkeypatch.setattr(tiny_sam, "refine_with_boxes", lambda e, lo, d, **kw: steps.append((lo, kw)) or lo + 1)
+    model.refine_low_res(emb, first, dense)
+    assert len(steps) == 2 and steps[0][0] is first and torch.equal(steps[1][0], first + 1)  # on its own output
+    assert steps[0][1]["box_margin"] == 2.0 and steps[0][1]["min_fraction"] == 0.1
+    with pytest.raises(ValueError):
+        ModelConfig(preset="sam_head", refine_iterations=0)
+
+
+def test_dilated_head_has_the_same_parameters_and_a_wider_receptive_field():
+    plain = PromptGenerator("none", fuse_embeddings=True, head_channels=8)
+    dil = PromptGenerator("none", fuse_embeddings=True, head_channels=8, head_dilated=True)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in dil.parameters())
+    for g in (plain, dil):
+        g.eval()
+    torch.manual_seed(0)
+    e = torch.randn(1, 256, 64, 64, requires_grad=True)
+    reach = {}
+    for name, g in (("plain", plain), ("dilated", dil)):
+        e.grad = None
+        g(None, e)[0, :, 32, 32].sum().backward()
+        cols = torch.nonzero(e.grad[0].abs().sum(0)[32] > 0).flatten()
+        reach[name] = int(cols.max() - cols.min() + 1)
+    assert reach == {"plain": 7, "dilated": 15}
+
+
 def test_sam_head_prompt_generator_starts_at_sams_no_mask_state(tiny_sam):
     model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16, output="offset"),
                           sam=tiny_sam)
