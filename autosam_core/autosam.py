@@ -44,7 +44,7 @@ class AutoSam(nn.Module):
 
     def __init__(self, sam: FrozenSam, prompt_generator: nn.Module, surrogate_decoder: nn.Module | None = None,
                  g_input_size: int = 256, refine: str = "none", refine_min_fraction: float = 0.1,
-                 refine_margin: float = 0.0, refine_iterations: int = 1):
+                 refine_margin: float = 0.0, refine_iterations: int = 1, refine_max_boxes: int = 8):
         super().__init__()
         if refine not in REFINE_MODES:
             raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, found {refine!r}")
@@ -54,7 +54,7 @@ class AutoSam(nn.Module):
         self.g_input_size = g_input_size
         self.refine = refine
         self.refine_min_fraction, self.refine_margin = float(refine_min_fraction), float(refine_margin)
-        self.refine_iterations = int(refine_iterations)
+        self.refine_iterations, self.refine_max_boxes = int(refine_iterations), int(refine_max_boxes)
 
     @property
     def reads_images(self) -> bool:
@@ -124,8 +124,8 @@ class AutoSam(nn.Module):
         """Apply ``self.refine`` to a first pass's low_res_logits (B, 1, 256, 256); "none" returns them.
 
         ``refine_iterations`` > 1 repeats the box step on its own output (mask -> boxes -> SAM -> mask);
-        ``refine_min_fraction`` and ``refine_margin`` are :meth:`FrozenSam.refine_with_boxes`'s
-        ``min_fraction`` and ``box_margin``.
+        ``refine_min_fraction``, ``refine_margin`` and ``refine_max_boxes`` are
+        :meth:`FrozenSam.refine_with_boxes`'s ``min_fraction``, ``box_margin`` and ``max_boxes``.
         """
         if self.refine == "none":
             return low_res_logits
@@ -136,7 +136,8 @@ class AutoSam(nn.Module):
         out = low_res_logits
         for _ in range(max(self.refine_iterations, 1)):
             out = self.sam.refine_with_boxes(image_embeddings, out, dense, min_fraction=self.refine_min_fraction,
-                                             valid=valid, box_margin=self.refine_margin)
+                                             valid=valid, box_margin=self.refine_margin,
+                                             max_boxes=self.refine_max_boxes)
         return out
 
     def surrogate_logits(self, g_inputs: torch.Tensor | None, image_embeddings: torch.Tensor | None = None

@@ -61,6 +61,19 @@ def _runtime(args: argparse.Namespace, cfg=None) -> tuple[torch.device, str]:
     return device, precision
 
 
+def _apply_refine(model, args: argparse.Namespace) -> None:
+    """``--refine`` overrides the checkpoint's inference refinement (logged)."""
+    if getattr(args, "refine", None) and args.refine != model.refine:
+        log.info("refinement %s (checkpoint: %s)", args.refine, model.refine)
+        model.refine = args.refine
+
+
+def _add_refine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", choices=("none", "box", "box_only"),
+                   help="inference refinement instead of the checkpoint's: none (dense prompt only), box (plus the "
+                        "box of each component of that mask), box_only (the boxes with SAM's no-mask embedding)")
+
+
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default: CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
@@ -137,6 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
+    _apply_refine(model, args)
     refs = _refs_from_args(args)
     results = evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
     what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
@@ -161,6 +175,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 "(--input takes an image file or a folder of images)")
     device, precision = _runtime(args)
     model, _ = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
+    _apply_refine(model, args)
     exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
     if not files:
@@ -247,6 +262,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
+    _apply_refine(model, args)
     refs = _refs_from_args(args)
     info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
             "preset": (meta.get("model") or {}).get("preset"), "refine": model.refine,
@@ -288,6 +304,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
         else:
             e.add_argument("--input", required=True, help="image file or folder")
             e.add_argument("--output", required=True)
+        _add_refine_argument(e)
         _add_runtime_arguments(e)
         e.set_defaults(func=func)
 
@@ -298,6 +315,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="first N images of each split")
     b.add_argument("--output", default="benchmark", help="folder for BENCHMARK.md, benchmark.json, plots")
     b.add_argument("--cache-dir")
+    _add_refine_argument(b)
     _add_runtime_arguments(b)
     b.set_defaults(func=cmd_benchmark)
 

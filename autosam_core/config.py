@@ -66,7 +66,8 @@ class ModelConfig(_Strict):
     of each connected component of the first mask, plus g's dense prompt (``box``) or SAM's own
     no-mask embedding (``box_only``); fully automatic, no ground truth); refine_min_fraction:
     components smaller than this fraction of the largest are not prompted; refine_margin: pixels (SAM
-    input frame) added around each box; refine_iterations: box steps in a row; head_dilated: the
+    input frame) added around each box; refine_iterations: box steps in a row; refine_max_boxes: at
+    most this many components (the largest) are prompted per image; head_dilated: the
     embedding head's three 3x3 convs use dilation 1, 2, 4 (receptive field 15 instead of 7 cells of
     the 64x64 grid);
     surrogate: also train h after g;
@@ -86,6 +87,7 @@ class ModelConfig(_Strict):
     refine_min_fraction: float = Field(0.1, ge=0.0, le=1.0)
     refine_margin: float = Field(0.0, ge=0.0)
     refine_iterations: int = Field(1, ge=1, le=5)
+    refine_max_boxes: int = Field(8, ge=1, le=64)
     head_dilated: bool = False
     surrogate: bool = False
     dp_compatible: bool = False

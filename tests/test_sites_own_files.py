@@ -97,7 +97,7 @@ def test_server_instruction_carries_no_coordinator_path(tmp_path, sam_files):
     assert json.loads(str(cfg[P.MODEL_CONFIG]))["pretrained"] is None
 
 
-def test_dp_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
+def test_dp_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_path, caplog):
     """A DP federation's round checkpoint (written with the runner's metadata) rebuilds the GroupNorm g."""
     from autosam_core.checkpoint import save_checkpoint
     from autosam_core.cli import main
@@ -119,7 +119,10 @@ def test_dp_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_pat
     result = json.loads((tmp_path / "r.json").read_text())["results"]
     assert next(iter(result.values()))["num_images"] == 2
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(data / "images"), "--output", str(out)]) == 0
+    with caplog.at_level("INFO", logger="autosam"):
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", str(data / "images"), "--output", str(out),
+                     "--refine", "box_only"]) == 0
+    assert "refinement box_only (checkpoint: none)" in caplog.text
     masks = sorted((out / "masks").glob("*.png"))
     assert len(masks) == 2
     m = np.asarray(Image.open(masks[0]))
