@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_copy, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import TrainJobConfig, config_hash
+from .config import TrainJobConfig, config_hash, yaml_relative
 from .data.cache import EmbeddingCache
 from .data.dataset import resolve_pairs, split_validation
 from .data.io import load_image
@@ -67,7 +67,8 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
 
     Args:
         cfg: the validated job config; config_path: its YAML (relative dataset paths are relative to it).
-        output: run folder (default ``<output_dir>/<name>``).
+        output: run folder (default ``<output_dir>/<name>``; a relative output_dir is relative to the
+            YAML's folder, like every path in it).
         device, precision: override ``cfg.device``/``cfg.precision`` (``auto``: CUDA if present; bf16
             where the CPU/GPU computes it fast).
 
@@ -85,7 +86,8 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
     pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
     for ref in cfg.evaluate:
         resolve_pairs(ref, base)
-    out = Path(output or Path(cfg.output_dir) / cfg.name)
+    out = Path(output) if output else yaml_relative(cfg.output_dir, base) / cfg.name
+    cache_dir = yaml_relative(cfg.cache_dir, base)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     dev = resolve_device(device or cfg.device)
@@ -100,7 +102,7 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
     train_pairs, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
     log.info("training on %d images, validating on %d (held out from the training split)",
              len(train_pairs), len(val_pairs))
-    cache = EmbeddingCache(model.sam, cfg.cache_dir) if cfg.train.use_cache else None
+    cache = EmbeddingCache(model.sam, cache_dir) if cfg.train.use_cache else None
     if cache is not None:
         stats = cache.ensure([p.image_path for p in train_pairs + val_pairs], load_image)
         log.info("embedding cache: %d cached, %d computed in %.1f s", stats["cached"], stats["computed"],
@@ -147,6 +149,6 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
                "checkpoint": str(out / "best.pt")}
     if cfg.evaluate:
         best_model, _ = model_from_checkpoint(out / "best.pt", sam=model.sam)
-        summary["evaluation"] = evaluate_refs(best_model, cfg.evaluate, cache_dir=cfg.cache_dir, base=base)
+        summary["evaluation"] = evaluate_refs(best_model, cfg.evaluate, cache_dir=cache_dir, base=base)
     _write_json(out / "summary.json", summary)
     return summary

@@ -204,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .config import TrainJobConfig, load_yaml_config
+    from .config import TrainJobConfig, load_yaml_config, yaml_relative
     from .data.cache import EmbeddingCache
     from .data.io import load_image
     from .data.dataset import resolve_pairs
@@ -214,7 +214,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     base = Path(args.config).resolve().parent
     device, precision = _runtime(args, cfg)
     sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint).to(device).set_precision(precision)
-    cache = EmbeddingCache(sam, cfg.cache_dir)
+    cache = EmbeddingCache(sam, yaml_relative(cfg.cache_dir, base))
     paths = [p.image_path for ref in [*cfg.train_data, *cfg.evaluate] for p in resolve_pairs(ref, base)]
     stats = cache.ensure(paths, load_image)
     print(f"{stats['cached']} already cached, {stats['computed']} computed in {stats['seconds']:.1f} s "

@@ -158,11 +158,21 @@ class TrainConfig(_Strict):
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+def yaml_relative(path: str | None, yaml_dir: Path) -> Path | None:
+    """``path`` from a YAML, absolute (``~`` expanded; relative paths are relative to ``yaml_dir``, the
+    YAML's folder); None stays None."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path(yaml_dir) / p).resolve()
+
+
 class TrainJobConfig(_Strict):
     """Centralised training job (``autosam train``).
 
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; precision: ``auto`` | ``fp32`` | ``bf16`` |
-    ``fp16`` (see :mod:`autosam_core.precision`).
+    ``fp16`` (see :mod:`autosam_core.precision`). Every relative path (``output_dir``, ``cache_dir``,
+    dataset folders) is relative to the YAML's folder; the run folder is ``<output_dir>/<name>``.
     """
 
     name: str = "autosam"
@@ -239,7 +249,9 @@ class FederationConfig(_Strict):
     round (never a test split); round_timeout in seconds. client_gpus: GPUs per simulated site
     (fractional allowed: Flower/Ray's per-client GPU resource; Ray gives each site its own
     CUDA_VISIBLE_DEVICES, so sites are spread over the GPUs instead of all using cuda:0).
-    device/precision: the server's central evaluation (:mod:`autosam_core.precision`).
+    device/precision: the server's central evaluation (:mod:`autosam_core.precision`). Every
+    relative path (``sites``, ``output_dir``, ``cache_dir``, dataset folders) is relative to this
+    file's folder; the run folder is ``<output_dir>/<name>``.
     """
 
     name: str

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if auth and not keys and not args.superlink:
             raise ConfigError("site authentication is on but no --site-key was given: every site would be refused; "
                               "pass --site-key SITE=PUBKEY for each site, or --no-auth")
-        run_dir = Path(args.run_dir).resolve() if args.run_dir else resolve_run_dir(fed)
+        run_dir = Path(args.run_dir).resolve() if args.run_dir else resolve_run_dir(fed, fed_path)
         last = run_dir / "checkpoints" / LAST
         if fed.resume and last.is_file():
             from autosam_core.model_factory import build_autosam

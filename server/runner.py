@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from autosam_core.config import ConfigError, FederationConfig, config_hash
+from autosam_core.config import ConfigError, FederationConfig, config_hash, yaml_relative
 
 from autosam_fl import protocol as P
 from autosam_fl.preflight import load_federation
@@ -60,20 +60,17 @@ def checkpoint_metadata(fed: FederationConfig, server_round: int, state: dict, v
             "state_sha256": outputs.state_digest(state)}
 
 
-def resolve_run_dir(fed: FederationConfig, cwd: Path | None = None) -> Path:
-    """``<output_dir>/<name>``; a relative output_dir is relative to ``cwd`` (default: current directory)."""
-    out = Path(fed.output_dir).expanduser()
-    if not out.is_absolute():
-        out = (cwd or Path.cwd()) / out
+def resolve_run_dir(fed: FederationConfig, fed_path: Path) -> Path:
+    """``<output_dir>/<name>``; a relative output_dir is relative to the federation YAML's folder, like
+    every other path in a YAML (``sites``, ``cache_dir``), so the run folder does not depend on where the
+    command was started."""
+    out = yaml_relative(fed.output_dir, Path(fed_path).parent)
     return (out / fed.name).resolve()
 
 
 def resolve_cache_dir(fed: FederationConfig, fed_path: Path) -> Path | None:
     """The federation's embedding cache (relative to the federation YAML), or None for the default."""
-    if not fed.cache_dir:
-        return None
-    p = Path(fed.cache_dir).expanduser()
-    return p if p.is_absolute() else (fed_path.parent / p).resolve()
+    return yaml_relative(fed.cache_dir, fed_path.parent)
 
 
 def check_resume_checkpoint(fed: FederationConfig, ckpt_path: Path, expected: dict) -> dict:
@@ -143,7 +140,7 @@ class FederatedServer:
 
     Args:
         fed_path: federation YAML.
-        run_dir: output folder (default ``<output_dir>/<name>`` relative to the current directory).
+        run_dir: output folder (default ``<output_dir>/<name>``, output_dir relative to the YAML's folder).
         node_sites: known node id -> site id (deployment: from SuperNode registration).
         local_epochs: override of every site's ``local_epochs`` (0 = use the site YAMLs).
 
@@ -155,7 +152,7 @@ class FederatedServer:
                  node_sites: dict[int, str] | None = None, local_epochs: int = 0):
         self.fed_path = Path(fed_path).expanduser().resolve()
         self.fed, _ = load_federation(self.fed_path)  # model.dp_compatible from the sites
-        self.run_dir = Path(run_dir).resolve() if run_dir else resolve_run_dir(self.fed)
+        self.run_dir = Path(run_dir).resolve() if run_dir else resolve_run_dir(self.fed, self.fed_path)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.node_sites = dict(node_sites or {})
         self.local_epochs = int(local_epochs)

@@ -65,7 +65,7 @@ def preflight(path: str | Path) -> tuple:
     check_client_resources(fed, fed_path)
     sites = check_sites(fed, fed_path)
     check_validation(fed, fed_path, sites)
-    run_dir = resolve_run_dir(fed)
+    run_dir = resolve_run_dir(fed, fed_path)
     last = run_dir / "checkpoints" / LAST
     if fed.resume and last.is_file():
         from autosam_core.model_factory import build_autosam
@@ -84,7 +84,7 @@ def run_simulation_from_yaml(path: str | Path, *, echo: Callable[[str], None] = 
         path: federation YAML (:class:`autosam_core.config.FederationConfig`).
         echo: receives progress lines (all Flower output with ``verbose``).
         timeout: seconds for the whole run (None: no limit; each round is bounded by round_timeout).
-        run_dir: output folder (default ``<output_dir>/<name>``, relative to the current directory).
+        run_dir: output folder (default ``<output_dir>/<name>``, output_dir relative to the YAML's folder).
         extra_env: extra environment variables for the Flower processes.
 
     Returns:

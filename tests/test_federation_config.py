@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import server  # noqa: F401  (imports flwr's CLI deps quietly; see server/__init__.py)
 from autosam_core.config import ConfigError, FederationConfig, SiteConfig, load_yaml_config
@@ -164,3 +165,25 @@ def test_resume_checkpoint_from_other_backbone_refused_before_any_site(tmp_path)
     b = {"prompt_generator.w": torch.zeros(8, 3), "prompt_generator.b": torch.zeros(8)}
     assert first_state_mismatch(a, b) == ("first mismatched key 'prompt_generator.w': shape (4, 3) in the "
                                           "checkpoint, (8, 3) in this model")
+
+
+def test_every_relative_yaml_path_is_relative_to_the_yaml(tmp_path, monkeypatch):
+    """output_dir (like sites and cache_dir) resolves against the YAML's folder, not the current folder."""
+    from autosam_core.config import TrainJobConfig, load_yaml_config, yaml_relative
+    from server.runner import resolve_cache_dir, resolve_run_dir
+
+    fed_yaml = make_federation(tmp_path / "proj", sites={"a": 2, "b": 2}, name="rel")
+    raw = yaml.safe_load(fed_yaml.read_text())
+    raw.update(output_dir="out", cache_dir="emb")
+    fed_yaml.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    fed, path = load_federation(fed_yaml)
+    assert resolve_run_dir(fed, path) == (tmp_path / "proj" / "out" / "rel").resolve()
+    assert resolve_cache_dir(fed, path) == (tmp_path / "proj" / "emb").resolve()
+    job = tmp_path / "proj" / "job.yaml"
+    job.write_text("name: j\ntrain_data: [{dataset: x}]\noutput_dir: ../runs\n")
+    cfg = load_yaml_config(job, TrainJobConfig)
+    assert yaml_relative(cfg.output_dir, job.parent) == (tmp_path / "runs").resolve()
+    assert yaml_relative("/abs/p", job.parent) == Path("/abs/p") and yaml_relative(None, job.parent) is None
