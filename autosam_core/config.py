@@ -246,7 +246,10 @@ class FederationConfig(_Strict):
 
     sites: site YAML paths relative to this file; evaluate: public benchmark splits the server
     evaluates the global model on after each round; validation: split used to choose the best
-    round (never a test split); round_timeout in seconds. client_gpus: GPUs per simulated site
+    round (never a test split); round_timeout in seconds. min_sites: successful replies a round needs
+    (fewer stops the run; a smaller value lets a round average the survivors when a site fails);
+    start_sites: sites connected before the first round starts (default: the number of listed
+    ``sites``, else ``min_sites``). client_gpus: GPUs per simulated site
     (fractional allowed: Flower/Ray's per-client GPU resource; Ray gives each site its own
     CUDA_VISIBLE_DEVICES, so sites are spread over the GPUs instead of all using cuda:0).
     device/precision: the server's central evaluation (:mod:`autosam_core.precision`). Every
@@ -260,6 +263,7 @@ class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1)
     strategy: StrategyConfig = StrategyConfig()
     min_sites: int = Field(2, ge=1)
+    start_sites: int | None = Field(None, ge=1)
     round_timeout: float = Field(600.0, gt=0)
     sites: list[str]
     evaluate: list[DataRef] = []

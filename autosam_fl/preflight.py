@@ -56,7 +56,12 @@ def federation_uses_dp(fed: FederationConfig, fed_path: Path) -> bool:
     """
     from autosam_core.privacy.compat import require_uniform_privacy
 
-    sites = [load_yaml_config(y, SiteConfig) for y in site_yaml_paths(fed, fed_path) if y.is_file()]
+    sites = []
+    for y in site_yaml_paths(fed, fed_path):
+        try:
+            sites.append(load_yaml_config(y, SiteConfig))
+        except ConfigError:
+            continue  # missing or invalid: check_sites reports it with the file, key and fix
     return require_uniform_privacy(sites) if sites else False
 
 
@@ -111,6 +116,9 @@ def check_sites(fed: FederationConfig, fed_path: Path) -> list[SiteSummary]:
     if len(paths) < fed.min_sites:
         raise ConfigError(f"{fed_path}: key 'min_sites' is {fed.min_sites} but key 'sites' lists only {len(paths)} "
                           f"site(s); list more sites or lower min_sites")
+    if fed.start_sites is not None and not fed.min_sites <= fed.start_sites <= len(paths):
+        raise ConfigError(f"{fed_path}: key 'start_sites' is {fed.start_sites}; expected between min_sites "
+                          f"({fed.min_sites}) and the number of listed sites ({len(paths)})")
     out: list[SiteSummary] = []
     seen: dict[str, Path] = {}
     for i, p in enumerate(paths):

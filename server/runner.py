@@ -257,7 +257,8 @@ class FederatedServer:
                                               base_dir=self.fed_path.parent, **runtime) if fed.validation else None
         self.strategy = build_strategy(
             fed.strategy.name, fed.strategy.mu, min_sites=fed.min_sites, round_timeout=fed.round_timeout,
-            node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset)
+            node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset,
+            start_sites=fed.start_sites or len(fed.sites) or fed.min_sites)
 
     def _model_config(self) -> ConfigRecord:
         fed = self.fed

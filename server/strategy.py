@@ -77,11 +77,13 @@ class RobustAggregation:
         node_sites: known node id -> site id (deployment registration); learned from replies too.
         federated_validation: ask sites to evaluate on their held-out split after each round.
         round_offset: rounds done before this run (resume); logs and ``global-round`` add it.
+        start_sites: sites to wait for before the first round (default ``min_sites``), so a run
+            with ``min_sites`` below the number of sites still starts with all of them.
     """
 
     def __init__(self, *args, min_sites: int = 1, round_timeout: float = 600.0,
                  node_sites: dict[int, str] | None = None, federated_validation: bool = False,
-                 round_offset: int = 0, **kwargs):
+                 round_offset: int = 0, start_sites: int | None = None, **kwargs):
         kwargs.setdefault("fraction_train", 1.0)
         kwargs.setdefault("min_train_nodes", min_sites)
         kwargs.setdefault("min_available_nodes", min_sites)
@@ -89,6 +91,7 @@ class RobustAggregation:
         kwargs.setdefault("min_evaluate_nodes", 1 if federated_validation else 0)
         super().__init__(*args, **kwargs)
         self.min_sites = min_sites
+        self.start_sites = max(int(start_sites or min_sites), min_sites)
         self.round_timeout = round_timeout
         self.node_sites: dict[int, str] = dict(node_sites or {})
         self.federated_validation = federated_validation
@@ -102,6 +105,7 @@ class RobustAggregation:
         return self.node_sites.get(node_id, f"node-{node_id}")
 
     def _wait_for_nodes(self, grid: Grid, server_round: int, needed: int) -> None:
+        key = "min_sites" if needed == self.min_sites else "start_sites"
         server_round += self.round_offset
         deadline = time.monotonic() + self.round_timeout
         while True:
@@ -110,17 +114,18 @@ class RobustAggregation:
                 return
             if time.monotonic() >= deadline:
                 raise MinSitesError(
-                    f"round {server_round}: only {len(nodes)} of the required {needed} sites (min_sites) are "
+                    f"round {server_round}: only {len(nodes)} of the required {needed} sites ({key}) are "
                     f"connected after waiting round_timeout = {self.round_timeout:.0f} s; connected: "
-                    f"{[self.site_of(n) for n in nodes]}. Start the missing sites or lower min_sites.")
+                    f"{[self.site_of(n) for n in nodes]}. Start the missing sites or lower {key}.")
             log.info("round %d: waiting for sites: %d connected, %d needed", server_round, len(nodes), needed)
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
     # ----- training -----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Wait (up to ``round_timeout``) for ``min_sites`` nodes, then Flower's sampling/messages."""
-        self._wait_for_nodes(grid, server_round, self.min_sites)
+        """Wait (up to ``round_timeout``) for ``start_sites`` nodes before the first round of this run and
+        ``min_sites`` before later ones, then Flower's sampling/messages."""
+        self._wait_for_nodes(grid, server_round, self.start_sites if server_round == 1 else self.min_sites)
         self._global_ref = arrayrecord_to_numpy(arrays)
         config[P.GLOBAL_ROUND] = self.round_offset + server_round
         messages = list(super().configure_train(server_round, arrays, config, grid))

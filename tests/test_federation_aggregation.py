@@ -176,3 +176,16 @@ def test_build_strategy_names():
     assert isinstance(prox, AutoSamFedProx) and prox.proximal_mu == 0.01
     with pytest.raises(ValueError, match="fedavg or fedprox"):
         build_strategy("fedsgd", 0.0)
+
+
+def test_first_round_waits_for_start_sites_later_rounds_for_min_sites(monkeypatch):
+    """start_sites (default: every listed site) gates round 1; min_sites gates later rounds."""
+    strat = AutoSamFedAvg(min_sites=1, start_sites=2, round_timeout=0.01)
+    needed = []
+    monkeypatch.setattr(strat, "_wait_for_nodes", lambda grid, rnd, n: needed.append(n) or (_ for _ in ()).throw(
+        MinSitesError("stop")))
+    for rnd in (1, 2):
+        with pytest.raises(MinSitesError):
+            strat.configure_train(rnd, ArrayRecord({}), ConfigRecord({}), grid=None)
+    assert needed == [2, 1]
+    assert AutoSamFedAvg(min_sites=2, start_sites=1).start_sites == 2  # never below min_sites
