@@ -48,7 +48,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # SAM image_embeddings (BatchNorm -> tanh output), then SAM prompted with the box of each
     # connected component of that mask and its own no-mask embedding.
     "sam_head": {"backbone": "none", "output": "tanh", "fuse_embeddings": True, "head_channels": 256,
-                 "refine": "box_only", "refine_min_fraction": 0.3},
+                 "refine": "box_only", "refine_min_fraction": 0.3, "refine_margin": 3.0},
 }
 
 
