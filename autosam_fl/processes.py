@@ -423,3 +423,16 @@ def run_status(connection: str, run_id: int, env: dict) -> tuple[str, str]:
         return run.get("status", "unknown"), run.get("status-details", "")
     except (ValueError, KeyError, IndexError):
         return "unknown", (res.stdout + res.stderr)[-2000:]
+
+
+def _raise_interrupt(signum, frame) -> None:
+    # First SIGTERM: unwind like Ctrl-C; ignore repeats so the cleanup (stopping Flower by PID) finishes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM behave like Ctrl-C (KeyboardInterrupt) in the main thread, so the ``finally``
+    blocks that stop every Flower process this CLI started (:class:`ProcessTracker`) run; a second
+    SIGTERM during that cleanup is ignored. Call once at the start of a CLI's main."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)

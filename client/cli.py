@@ -101,12 +101,6 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
     return site, p, len(train), len(val)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    # First SIGTERM: unwind like Ctrl-C; ignore repeats so the cleanup (stopping Flower by PID) finishes.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 class _Stop(Exception):
     """Leave the main loop (the return code is already set)."""
 
@@ -185,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from autosam_fl.connect import ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, SENT, ConnectionMarker, \
         marker_path, split_address
     from autosam_fl.guard import Guard
-    from autosam_fl.processes import FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port
+    from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port,
+                                      unwind_on_sigterm)
 
     from . import app as site_app
     from .worker import SiteWorker
@@ -234,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[autosam] site {site.site_id}: reply audit on: report {folder / f'audit-{site.site_id}.md'} "
               "(and .json)", flush=True)
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    unwind_on_sigterm()
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack

@@ -13,13 +13,18 @@ from pathlib import Path
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from autosam_fl.processes import unwind_on_sigterm
     from server.simulation import FederationRunError, run_simulation_from_yaml
 
+    unwind_on_sigterm()  # SIGTERM stops the private SuperLink, Flower's simulation and Ray by PID, too
     try:
         run_dir = run_simulation_from_yaml(args.federation)
     except FederationRunError as err:
         print(f"error: federation run failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: every Flower/Ray process of this simulation was stopped", file=sys.stderr)
+        return 130
     summary_path = Path(run_dir) / "summary.json"
     if summary_path.is_file():
         print(format_federation_summary(json.loads(summary_path.read_text())))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from autosam_core.config import ConfigError
 
 from autosam_fl.preflight import check_validation, load_federation
 from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
-                        start_superlink, submit_run, write_connection)
+                        start_superlink, submit_run, unwind_on_sigterm, write_connection)
 from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
 
 CONNECTION = "autosam"
@@ -120,12 +119,6 @@ def register_sites(keys: dict[str, Path], env: dict) -> dict[int, str]:
     return nodes
 
 
-def _raise_interrupt(signum, frame) -> None:
-    # First SIGTERM: unwind like Ctrl-C; ignore repeats so the cleanup (stopping Flower by PID) finishes.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-server`` (see module docstring)."""
     args = _parse_args(argv)
@@ -168,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     guard = Guard([flwr_home])  # stops the SuperLink tree and removes flwr_home even after a SIGKILL of this CLI
     tracker = ProcessTracker(guard=guard)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    unwind_on_sigterm()
     status, details, run_id = "unknown", "", None
     try:
         if args.superlink:
