@@ -38,12 +38,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from autosam_core.files import atomic_write_json, atomic_write_text
 from autosam_fl import protocol as P
 
 log = logging.getLogger("autosam.client")
@@ -275,18 +275,6 @@ def _utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _num(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -379,8 +367,8 @@ class ReplyAudit:
         # Re-read first: another process (a simulation actor serving this site) may have appended since.
         self.data = self._read()
         self.replies.append(entry)
-        _write_atomic(self.json_path, json.dumps(self.data, indent=1))
-        _write_atomic(self.md_path, self.markdown())
+        atomic_write_json(self.json_path, self.data, indent=1)
+        atomic_write_text(self.md_path, self.markdown())
 
     def markdown(self) -> str:
         """The human-readable report (what ``audit-<site_id>.md`` holds)."""
