@@ -39,9 +39,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
+from autosam_core.trainable_state import Signature
 
 from autosam_fl import protocol as P
-from .audit import AuditViolation, ReplyAudit, Signature, audit_dir, audit_enabled, expected_signature
+from .audit import AuditViolation, ReplyAudit, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
 
