@@ -115,9 +115,6 @@ AUDIT_DIR_ENV = "AUTOSAM_FL_AUDIT_DIR"
 # Persistent per-site folder (privacy ledger, audit report) when the site YAML has no ``state_dir``.
 SITE_STATE_ENV = "AUTOSAM_SITE_STATE"
 
-# Test hook: "SITE@ROUND[,SITE@ROUND...]" (SITE may be "*") makes that site raise in that round.
-FAULT_ENV = "AUTOSAM_FL_FAULT"
-
 _SITE_TAG = re.compile(r"\[site (?P<site>[^\]]+)\] (?P<text>[^\n'\"]*)")
 
 

@@ -60,10 +60,6 @@ class SiteSetupError(ConfigError):
     """The ClientApp cannot tell which site it is, or the site YAML is unusable."""
 
 
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the ``AUTOSAM_FL_FAULT`` test hook."""
-
-
 @dataclass
 class SiteRuntime:
     """A site's cached state in this process: its config, YAML path and trainer."""
@@ -300,14 +296,6 @@ def site_record(site_id: str, stats: dict | None = None) -> ConfigRecord:
     return rec
 
 
-def _maybe_inject_fault(site_id: str, server_round: int) -> None:
-    spec = os.environ.get(P.FAULT_ENV, "").strip()
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        site, _, rnd = item.partition("@")
-        if site in ("*", site_id) and rnd.strip().isdigit() and int(rnd) == server_round:
-            raise InjectedFault(f"injected fault ({P.FAULT_ENV}={spec}) at site {site_id} in round {server_round}")
-
-
 def keep_only_model_of(config: ConfigRecord) -> int:
     """Drop cached models and site runtimes of other model configs (a long-lived site serving a new run).
 
@@ -343,7 +331,6 @@ def train(msg: Message, context: Context) -> Message:
     try:
         rt = get_site_runtime(context, config)
         label = rt.site.site_id
-        _maybe_inject_fault(label, server_round)
         rt.model.load_trainable_state(msg.content[P.ARRAYS].to_torch_state_dict())
         epochs = int(config.get(P.LOCAL_EPOCHS, 0)) or rt.site.local_epochs
         mu = float(config.get(P.PROXIMAL_MU, 0.0))
