@@ -118,6 +118,12 @@ SITE_STATE_ENV = "AUTOSAM_SITE_STATE"
 _SITE_TAG = re.compile(r"\[site (?P<site>[^\]]+)\] (?P<text>[^\n'\"]*)")
 
 
+def instruction_round(config) -> int:
+    """The round of an instruction's ConfigRecord: ``global-round`` (counts across resumed runs), else
+    ``server-round``, else 0."""
+    return int(config.get(GLOBAL_ROUND, config.get(SERVER_ROUND, 0)))
+
+
 def site_error_text(site_id: str, server_round: int | str, err: BaseException) -> str:
     """The one-line error text a failing site raises: ``[site <id>] round <r>: <Type>: <message>``."""
     message = " ".join(str(err).split())

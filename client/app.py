@@ -326,7 +326,7 @@ def train(msg: Message, context: Context) -> Message:
         allow-list is never sent.
     """
     config = msg.content[P.CONFIG]
-    server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+    server_round = P.instruction_round(config)
     label = _site_label(context)
     try:
         rt = get_site_runtime(context, config)
@@ -366,7 +366,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from autosam_core.evaluation import evaluate_pairs
 
     config = msg.content[P.CONFIG]
-    server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+    server_round = P.instruction_round(config)
     label = _site_label(context)
     try:
         rt = get_site_runtime(context, config)

@@ -68,8 +68,7 @@ def patched(app_module, spec: str) -> dict:
 
     def train(msg, context):
         try:
-            config = msg.content[P.CONFIG]
-            rnd = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+            rnd = P.instruction_round(msg.content[P.CONFIG])
         except Exception:  # noqa: BLE001 - a malformed instruction is the real handler's business
             rnd = None
         token = _TRAIN_ROUND.set(rnd)
