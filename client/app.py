@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -262,6 +263,15 @@ def _error_reply(context: Context, label: str, server_round: int, kind: str, err
     return out
 
 
+def _raise_error_reply(context: Context, label: str, server_round: int, kind: str, err: Exception) -> NoReturn:
+    """Raise :func:`_error_reply`'s exception for ``err`` (called in the handler's ``except``): chained to
+    ``err``, or with no chained exception at all when the audit withholds the text."""
+    reply_err = _error_reply(context, label, server_round, kind, err)
+    if getattr(reply_err, "withheld", False):
+        raise reply_err from None
+    raise reply_err from err
+
+
 def train_metrics(stats: dict, epochs: int, num_examples: int) -> MetricRecord:
     """The train reply's MetricRecord from a trainer's ``fit`` stats (allow-listed keys only).
 
@@ -347,10 +357,7 @@ def train(msg: Message, context: Context) -> Message:
                            max_examples=rt.trainer.num_examples)
         return Message(content, reply_to=msg)
     except Exception as err:
-        reply_err = _error_reply(context, label, server_round, "train", err)
-        if getattr(reply_err, "withheld", False):
-            raise reply_err from None
-        raise reply_err from err
+        _raise_error_reply(context, label, server_round, "train", err)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -384,7 +391,4 @@ def evaluate(msg: Message, context: Context) -> Message:
                            max_examples=len(pairs))
         return Message(content, reply_to=msg)
     except Exception as err:
-        reply_err = _error_reply(context, label, server_round, "evaluate", err)
-        if getattr(reply_err, "withheld", False):
-            raise reply_err from None
-        raise reply_err from err
+        _raise_error_reply(context, label, server_round, "evaluate", err)
