@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prompt_generator import IMAGENET_MEAN, IMAGENET_STD
 from .sam import FrozenSam, resize_and_pad, resized_shape
+from .trainable_state import FOREIGN, MISSING, UNEXPECTED, is_trainable_key, state_mismatches
 
-TRAINABLE_PREFIXES = ("prompt_generator.", "surrogate_decoder.")
 # Inference refinement: "box" = SAM prompted with the box of each component of the first mask plus
 # g's dense prompt; "box_only" = the same boxes with SAM's own no-mask dense embedding.
 REFINE_MODES = ("none", "box", "box_only")
-IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
-IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 class StateMismatchError(ValueError):
@@ -73,7 +72,7 @@ class AutoSam(nn.Module):
     # ----- inputs -------------------------------------------------------------------------------
     def g_input(self, image: np.ndarray) -> torch.Tensor:
         """uint8 RGB (H, W, 3) -> g's input float32 (3, G, G): longest side G, ImageNet-normalised, padded."""
-        return resize_and_pad(image, self.g_input_size, IMAGENET_MEAN_255, IMAGENET_STD_255)[0]
+        return resize_and_pad(image, self.g_input_size, IMAGENET_MEAN, IMAGENET_STD)[0]
 
     def low_res_target(self, mask: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Binary mask (H, W) -> (target float32 (1, 256, 256) in {0, 1}, valid (h, w) region).
@@ -191,7 +190,7 @@ class AutoSam(nn.Module):
         SAM is included.
         """
         return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items()
-                           if k.startswith(TRAINABLE_PREFIXES))
+                           if is_trainable_key(k))
 
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load g's (and h's) state strictly.
@@ -201,17 +200,16 @@ class AutoSam(nn.Module):
             differs; the message names the first offending key and both shapes.
         """
         own = self.trainable_state()
-        for key in state:
-            if not key.startswith(TRAINABLE_PREFIXES):
-                raise StateMismatchError(f"trainable state may only hold g/h keys; found {key!r}")
-            if key not in own:
-                raise StateMismatchError(f"unexpected key {key!r} (this model's g/h has no such entry)")
-        for key, ref in own.items():
-            if key not in state:
-                raise StateMismatchError(f"missing key {key!r} (expected shape {tuple(ref.shape)})")
-            if tuple(state[key].shape) != tuple(ref.shape):
-                raise StateMismatchError(
-                    f"key {key!r}: shape {tuple(state[key].shape)} in the state, {tuple(ref.shape)} in this model")
+        diff = state_mismatches(state, own)
+        if diff:
+            m = diff[0]
+            if m.kind == FOREIGN:
+                raise StateMismatchError(f"trainable state may only hold g/h keys; found {m.key!r}")
+            if m.kind == UNEXPECTED:
+                raise StateMismatchError(f"unexpected key {m.key!r} (this model's g/h has no such entry)")
+            if m.kind == MISSING:
+                raise StateMismatchError(f"missing key {m.key!r} (expected shape {m.expected[0]})")
+            raise StateMismatchError(f"key {m.key!r}: shape {m.found[0]} in the state, {m.expected[0]} in this model")
         self.load_state_dict({k: torch.as_tensor(v).to(own[k].dtype) for k, v in state.items()}, strict=False)
 
     def num_trainable_parameters(self) -> dict[str, int]:

@@ -8,30 +8,26 @@ Never imports flwr.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_copy, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainJobConfig, config_hash, yaml_relative
 from .data.cache import EmbeddingCache
 from .data.dataset import resolve_pairs, split_validation
 from .data.io import load_image
 from .data.torch_dataset import AutoSamDataset, make_loader
 from .evaluation import evaluate_pairs, evaluate_refs
+from .files import atomic_copy, atomic_write_json
 from .model_factory import build_autosam, model_from_checkpoint
 from .precision import grad_scaler, resolve_device, resolve_precision
 from .sam import load_frozen_sam
 from .training import lr_schedule, train_epochs, train_surrogate
 
 log = logging.getLogger(__name__)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -131,7 +127,7 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
         if not val_pairs or val["dice"] > best:  # no validation split: the last epoch is the best
             best, best_row = (val["dice"] if val_pairs else best), row
             atomic_copy(out / "last.pt", out / "best.pt")  # same bytes: no second serialisation
-        _write_json(out / "history.json", history)
+        atomic_write_json(out / "history.json", history, indent=2, default=str)
     if model.surrogate_decoder is not None and cfg.train.surrogate_epochs > 0:
         if (out / "best.pt").is_file():
             model.load_trainable_state(load_checkpoint(out / "best.pt")["trainable_state"])
@@ -150,5 +146,5 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
     if cfg.evaluate:
         best_model, _ = model_from_checkpoint(out / "best.pt", sam=model.sam)
         summary["evaluation"] = evaluate_refs(best_model, cfg.evaluate, cache_dir=cache_dir, base=base)
-    _write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary, indent=2, default=str)
     return summary

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -42,37 +41,13 @@ def save_checkpoint(path: str | Path, trainable_state: Mapping[str, torch.Tensor
     return atomic_torch_save(payload, path)
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it over ``path``.
-
-    The one atomic-write implementation of the core. A crash, SIGKILL or error mid-write leaves any
-    previous ``path`` intact (never a truncated file); on an exception the temporary file is removed
-    (after a SIGKILL a hidden ``.<name>.*.tmp`` may remain, which nothing reads).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it over ``path``.
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it over ``path``
+    (:func:`autosam_core.files.atomic_write`).
 
     A crash or error mid-write leaves any previous ``path`` intact and no temporary file behind.
     """
-    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`atomic_torch_save`."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 _EXPECTED = ("expected an AutoSAM-FL checkpoint: a torch zip archive (.pt) written by `autosam train` or "
@@ -96,11 +71,6 @@ def _load_failure(path: Path, size: int, err: Exception) -> CheckpointError:
         first = "a pickle that safe loading refuses"
     return _not_a_checkpoint(path, f"{size} bytes; torch could not read it: {type(err).__name__}"
                                    + (f": {first[:160]}" if first else ""))
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> Path:
-    """Copy ``src``'s bytes to ``dst`` atomically (e.g. ``best.pt`` from ``last.pt``: no second serialisation)."""
-    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write_json
+
 log = logging.getLogger("autosam")
 
 POLYP_BENCHMARKS = [
@@ -43,12 +45,6 @@ def format_table(results: dict[str, dict], title: str = "") -> str:
     for label, r in results.items():
         lines.append(f"| {label} | {r['num_images']} | {100 * r['dice']:.1f} | {100 * r['iou']:.1f} |")
     return "\n".join(lines)
-
-
-def _write_json(path: Path, obj) -> None:
-    from .checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _runtime(args: argparse.Namespace, cfg=None) -> tuple[torch.device, str]:
@@ -158,7 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for line in _skipped_lines(results):
         print(line)
     if args.json:
-        _write_json(Path(args.json), {"checkpoint": str(args.checkpoint), "method": what, "results": results})
+        atomic_write_json(Path(args.json), {"checkpoint": str(args.checkpoint), "method": what, "results": results},
+                          indent=2, default=str)
         print(f"wrote {args.json}")
     return 0
 

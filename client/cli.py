@@ -122,7 +122,7 @@ class RoundConsole:
         from client import app as site_app
 
         config = msg.content[P.CONFIG]
-        rnd = int(config.get(P.GLOBAL_ROUND, config.get(P.SERVER_ROUND, 0)))
+        rnd = P.instruction_round(config)
         final = int(config.get(P.FINAL_ROUND, 0))
         try:
             dropped = site_app.keep_only_model_of(config)

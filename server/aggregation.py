@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-TRAINABLE_PREFIXES = ("prompt_generator.", "surrogate_decoder.")
+from autosam_core.trainable_state import FOREIGN, MISSING, UNEXPECTED, is_trainable_key, state_mismatches
 
 
 class AggregationError(ValueError):
@@ -30,18 +30,18 @@ def structure_mismatch(state: Mapping[str, np.ndarray], reference: Mapping[str, 
     """Why ``state`` does not have exactly the keys and shapes of ``reference``, or None.
 
     Returns:
-        None, or a one-line reason naming the first offending key (and both shapes).
+        None, or a one-line reason naming the first offending key (and both shapes): a missing key
+        first, then an unexpected one, then a shape (:func:`autosam_core.trainable_state.state_mismatches`).
     """
-    for key in reference:
-        if key not in state:
-            return f"missing key {key!r} (expected shape {tuple(np.shape(reference[key]))})"
-    for key in state:
-        if key not in reference:
-            return f"unexpected key {key!r}"
-        if np.shape(state[key]) != np.shape(reference[key]):
-            return (f"key {key!r}: shape {tuple(np.shape(state[key]))} in the reply, "
-                    f"{tuple(np.shape(reference[key]))} in the global model")
-    return None
+    diff = state_mismatches(state, reference)
+    if not diff:
+        return None
+    m = next((d for d in diff if d.kind == MISSING), None) or diff[0]
+    if m.kind == MISSING:
+        return f"missing key {m.key!r} (expected shape {m.expected[0]})"
+    if m.kind in (UNEXPECTED, FOREIGN):
+        return f"unexpected key {m.key!r}"
+    return f"key {m.key!r}: shape {m.found[0]} in the reply, {m.expected[0]} in the global model"
 
 
 def check_state(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None = None) -> str | None:
@@ -54,10 +54,10 @@ def check_state(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
     Returns:
         None, or a one-line reason naming the first offending key (and both shapes).
     """
-    for key in state:
-        if not key.startswith(TRAINABLE_PREFIXES):
-            return (f"key {key!r} is not part of the trainable state "
-                    "(only prompt_generator.* / surrogate_decoder.* may travel)")
+    foreign = next((k for k in state if not is_trainable_key(k)), None)
+    if foreign is not None:
+        return (f"key {foreign!r} is not part of the trainable state "
+                "(only prompt_generator.* / surrogate_decoder.* may travel)")
     if reference is not None:
         reason = structure_mismatch(state, reference)
         if reason:

@@ -9,35 +9,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from autosam_core.files import atomic_write_bytes, atomic_write_json
+
+
+#: Run outputs are meant to be shared: readable by all (the core's atomic writes default to owner-only).
+OUTPUT_MODE = 0o644
+
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` to ``path`` atomically (:func:`autosam_core.files.atomic_write_bytes`), mode 0o644."""
+    return atomic_write_bytes(path, data, mode=OUTPUT_MODE)
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (NaN written as null)."""
-    return write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False).encode())
+    """Atomically write ``obj`` as indented JSON (NaN written as null), mode 0o644."""
+    return atomic_write_json(path, _jsonable(obj), mode=OUTPUT_MODE, indent=2)
 
 
 def _jsonable(obj: Any) -> Any:

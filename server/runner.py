@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from autosam_core.config import ConfigError, FederationConfig, config_hash, yaml_relative
+from autosam_core.trainable_state import MISSING, SHAPE, state_mismatches
 
 from autosam_fl import protocol as P
 from autosam_fl.preflight import load_federation
@@ -110,24 +111,22 @@ def first_state_mismatch(checkpoint: dict, model: dict) -> str | None:
 
     Returns None when keys and shapes agree, else a sentence naming the first mismatched key and
     both shapes (for a key missing on one side: the other side's entry at the same position).
+    The comparison is :func:`autosam_core.trainable_state.state_mismatches`.
     """
-    ck_items = list(checkpoint.items())
-    for i, (key, ref) in enumerate(model.items()):
-        mine = tuple(ref.shape)
-        if key in checkpoint:
-            theirs = tuple(checkpoint[key].shape)
-            if theirs != mine:
-                return f"first mismatched key {key!r}: shape {theirs} in the checkpoint, {mine} in this model"
-            continue
+    diff = state_mismatches(checkpoint, model)
+    if not diff:
+        return None
+    m = next((d for d in diff if d.kind in (MISSING, SHAPE)), diff[0])
+    if m.kind == SHAPE:
+        return f"first mismatched key {m.key!r}: shape {m.found[0]} in the checkpoint, {m.expected[0]} in this model"
+    if m.kind == MISSING:
+        i = list(model).index(m.key)
+        ck_items = list(checkpoint.items())
         other = ck_items[i] if i < len(ck_items) else None
         where = (f"the checkpoint has {other[0]!r} with shape {tuple(other[1].shape)} at that position"
                  if other else "the checkpoint has no entry at that position")
-        return f"first mismatched key {key!r} (shape {mine} in this model) is not in the checkpoint; {where}"
-    extra = [k for k in checkpoint if k not in model]
-    if extra:
-        return (f"first mismatched key {extra[0]!r} (shape {tuple(checkpoint[extra[0]].shape)} in the checkpoint) "
-                "is not in this model")
-    return None
+        return f"first mismatched key {m.key!r} (shape {m.expected[0]} in this model) is not in the checkpoint; {where}"
+    return f"first mismatched key {m.key!r} (shape {m.found[0]} in the checkpoint) is not in this model"
 
 
 class _StreamFormatter(logging.Formatter):

@@ -21,9 +21,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from autosam_core.trainable_state import is_trainable_key
 from autosam_fl import protocol as P
 
-from .aggregation import TRAINABLE_PREFIXES, check_num_examples, check_state, weighted_average
+from .aggregation import check_num_examples, check_state, weighted_average
 
 log = logging.getLogger("autosam.server")
 
@@ -175,7 +176,7 @@ class RobustAggregation:
                 site = str(site_rec.get(P.SITE_ID, site))
                 self.node_sites[node] = site
             reason, state, metrics = self._validate_reply(content)
-            report.reply_keys_ok[site] = state is not None and all(k.startswith(TRAINABLE_PREFIXES) for k in state)
+            report.reply_keys_ok[site] = state is not None and all(map(is_trainable_key, state))
             if reason:
                 report.failed[site] = f"reply rejected: {reason}"
                 log.error("round %d: site %s (node %d): reply rejected: %s", g, site, node, reason)

@@ -20,6 +20,7 @@ from flwr.common import Metadata
 
 from client import app as client_app
 from client import protocol as P
+from tests.fault_injection import inject as inject_fault
 from tests.fl_helpers import TINY_MODEL, make_federation
 
 TRAINABLE = ("prompt_generator.", "surrogate_decoder.")
@@ -96,7 +97,7 @@ def test_simulation_partition_maps_to_site_and_evaluate(federation, initial_stat
 
 def test_failing_site_error_names_site(federation, initial_state, monkeypatch):
     tmp, _ = federation
-    monkeypatch.setenv(P.FAULT_ENV, "site_a@5")
+    inject_fault(monkeypatch, "site_a@5")
     ctx = _context(7, {P.NODE_SITE_CONFIG: str(tmp / "sites" / "site_a.yaml")})
     with pytest.raises(RuntimeError) as info:
         client_app.train(_instruction(initial_state, 7, 5), ctx)

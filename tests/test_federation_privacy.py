@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client import app as client_app
 from client import protocol as P
 from client.audit import ReplyAudit, check_reply, expected_signature
+from tests.fault_injection import inject as inject_fault
 from tests.fl_helpers import DP_MODEL, TINY_MODEL, make_dataset, make_federation, write_yaml
 from tests.test_federation_client import _context, _instruction
 from tests.test_federation_simulation import PNG, no_leftover_processes  # noqa: F401  (fixture)
@@ -152,7 +153,7 @@ def test_audit_blocks_forbidden_content(tmp_path, tiny_state, monkeypatch):
     assert "**BLOCKED:" in (tmp_path / "audit" / "audit-site_a.md").read_text()
     # other errors: with the audit on only the type leaves the site
     monkeypatch.setattr(client_app, "train_metrics", real)
-    monkeypatch.setenv(P.FAULT_ENV, "site_a@2")
+    inject_fault(monkeypatch, "site_a@2")
     with pytest.raises(RuntimeError) as info:
         client_app.train(_instruction(tiny_state, 7, 2), ctx)
     assert "InjectedFault" in str(info.value) and "injected fault" not in str(info.value)

@@ -7,7 +7,8 @@ Three sites with the tiny SAM and a small g on synthetic images:
 - min_sites = 3 and B raises in round 2: the run stops with a clear error within the round timeout,
   the round-1 model stays the checkpoint;
 - every site fails in round 1: non-zero exit, no weights written (initial weights untouched).
-Every Flower/Ray process started is stopped (checked by PID).
+Every Flower/Ray process started is stopped (checked by PID). Failing sites come from the test-only
+:mod:`tests.fault_injection` (the product has no fault hook).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import pytest
 import yaml
 
 import server  # noqa: F401  (imports flwr's CLI deps quietly; see server/__init__.py)
-from client import protocol as P
 from server.outputs import state_digest
 from server.simulation import FederationRunError, run_simulation_from_yaml
+from tests.fault_injection import simulation_env as fault_env
 from tests.fl_helpers import make_federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def _ckpt_state(path: Path) -> dict:
 def test_site_failure_then_resume(tmp_path, no_leftover_processes):
     fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1, "site_c": 1}, rounds=2, min_sites=2)
     lines: list[str] = []
-    run_dir = run_simulation_from_yaml(fed, echo=lines.append, timeout=300, extra_env={P.FAULT_ENV: "site_b@2"})
+    run_dir = run_simulation_from_yaml(fed, echo=lines.append, timeout=300, extra_env=fault_env("site_b@2"))
     s1 = json.loads((run_dir / "summary.json").read_text())
     assert s1["status"] == "completed" and [r["round"] for r in s1["rounds"]] == [0, 1, 2]
     r1, r2 = s1["rounds"][1], s1["rounds"][2]
@@ -114,7 +115,7 @@ def test_min_sites_unmet_stops_with_clear_error(tmp_path, no_leftover_processes)
     fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1, "site_c": 1}, rounds=2, min_sites=3,
                           round_timeout=timeout)
     with pytest.raises(FederationRunError) as info:
-        run_simulation_from_yaml(fed, echo=lambda s: None, timeout=300, extra_env={P.FAULT_ENV: "site_b@2"})
+        run_simulation_from_yaml(fed, echo=lambda s: None, timeout=300, extra_env=fault_env("site_b@2"))
     msg = str(info.value)
     assert "round 2: 2 of the required 3 sites (min_sites) replied successfully" in msg, msg
     assert "site_b" in msg and "InjectedFault" in msg
@@ -129,7 +130,7 @@ def test_min_sites_unmet_stops_with_clear_error(tmp_path, no_leftover_processes)
 
 def test_every_site_fails_in_round_1_exits_nonzero(tmp_path, no_leftover_processes):
     fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1, "site_c": 1}, rounds=2, min_sites=2)
-    env = dict(os.environ, **{P.FAULT_ENV: "*@1"})
+    env = dict(os.environ, **fault_env("*@1"))
     res = subprocess.run([sys.executable, "-m", "server.simulation", str(fed), "--timeout", "300"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=360)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]

@@ -25,9 +25,10 @@ from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, DataRef, PrivacyConfig, SiteConfig
 from autosam_core.privacy import (
     DPCompatibilityError, DPSiteTrainer, PrivacyLedger, PrivacyLedgerError, PrivacyWarning,
-    calibrate_noise_multiplier, check_delta, check_private_compatible, dp_state_signature, dp_train_epochs,
+    calibrate_noise_multiplier, check_delta, check_private_compatible, dp_train_epochs,
     groupnorm_groups, make_private_compatible, poisson_sample_rate, require_uniform_privacy)
 from autosam_core.sam import SPECS, FrozenSam
+from autosam_core.trainable_state import state_mismatches
 
 
 def per_sample_gradients(model: AutoSam, batch: dict) -> dict[str, torch.Tensor]:
@@ -148,10 +149,11 @@ def test_make_private_compatible_replaces_batchnorm_and_inplace(caplog):
     check_private_compatible(fixed)
     with pytest.raises(DPCompatibilityError, match="norm"):
         check_private_compatible(g)
-    # DP changes g's state keys: the fingerprints a server compares differ; equal models agree.
+    # DP changes g's state keys: the comparison a reply audit makes tells them apart; equal models agree.
     assert "norm.running_mean" in g.state_dict() and "norm.running_mean" not in fixed.state_dict()
-    assert dp_state_signature(fixed) != dp_state_signature(g)
-    assert dp_state_signature(fixed) == dp_state_signature(make_private_compatible(TinyG()).state_dict())
+    assert state_mismatches(fixed.state_dict(), g.state_dict(), compare_dtypes=True)
+    fresh = make_private_compatible(TinyG()).state_dict()
+    assert state_mismatches(fixed.state_dict(), fresh, compare_dtypes=True) == []
 
 
 def test_make_private_compatible_refuses_what_it_cannot_fix():

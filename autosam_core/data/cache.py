@@ -13,7 +13,6 @@ recomputed with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import atomic_torch_save
+from ..files import file_sha256
 from ..sam import FrozenSam
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,8 @@ def default_cache_dir() -> Path:
 
 
 def file_key(path: str | Path) -> str:
-    """sha256 (first 20 hex digits) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:20]
+    """Cache key of an image file: the first 20 hex digits of the sha256 of its bytes."""
+    return file_sha256(path)[:20]
 
 
 class CacheEntryWarning(UserWarning):

@@ -10,9 +10,9 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
 from .sunseg_conventions import MODES
 
 __all__ = ["add_metrics_arguments", "cmd_metrics", "metrics_main"]
@@ -63,11 +63,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 2
     text = json.dumps(_json_safe(result), indent=2, allow_nan=False)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        atomic_write_text(args.json, text + "\n", mode=0o644)
     print(text)
     return 0
 

@@ -16,8 +16,8 @@ Everything the client, the server and the tests import is re-exported here.
 
 from .accounting import (ACCOUNTANTS, calibrate_noise_multiplier, check_delta, epsilon_spent,
                          poisson_sample_rate, steps_per_epoch)
-from .compat import (MAX_GROUPS, check_private_compatible, dp_incompatibilities, dp_state_signature,
-                     groupnorm_groups, make_autosam_private_compatible, make_private_compatible,
+from .compat import (MAX_GROUPS, check_private_compatible, dp_incompatibilities, groupnorm_groups,
+                     make_autosam_private_compatible, make_private_compatible,
                      require_uniform_privacy)
 from .errors import DPCompatibilityError, PrivacyLedgerError, PrivacyWarning
 from .ledger import LEDGER_FORMAT, PrivacyLedger
@@ -26,7 +26,7 @@ from .trainer import DPSiteTrainer, dp_train_epochs
 __all__ = [
     "ACCOUNTANTS", "DPCompatibilityError", "DPSiteTrainer", "LEDGER_FORMAT", "MAX_GROUPS", "PrivacyLedger",
     "PrivacyLedgerError", "PrivacyWarning", "calibrate_noise_multiplier", "check_delta",
-    "check_private_compatible", "dp_incompatibilities", "dp_state_signature", "dp_train_epochs",
+    "check_private_compatible", "dp_incompatibilities", "dp_train_epochs",
     "epsilon_spent", "groupnorm_groups", "make_autosam_private_compatible", "make_private_compatible",
     "poisson_sample_rate", "require_uniform_privacy", "steps_per_epoch",
 ]

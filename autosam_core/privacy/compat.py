@@ -1,19 +1,18 @@
-"""Making g trainable with per-sample gradients: BatchNorm -> GroupNorm, checks, state signatures.
+"""Making g trainable with per-sample gradients: BatchNorm -> GroupNorm, checks.
 
 BatchNorm mixes the samples of a batch (and its running statistics are un-noised data statistics that
 would travel to the server), so :func:`make_private_compatible` replaces every BatchNorm of g by
 GroupNorm (Wu & He, "Group Normalization", ECCV 2018) and turns in-place activations off, then checks
 the result with Opacus's ``ModuleValidator`` (Yousefpour et al. 2021). g's trainable state then has
 other keys than the BatchNorm g of a non-DP site: **a federation runs DP on all its sites or on
-none**, and the server builds its global g the same way. :func:`dp_state_signature` fingerprints a
-state's keys, shapes and dtypes for the server to compare; :func:`require_uniform_privacy` checks the
-site configs.
+none**, and the server builds its global g the same way (a site's reply audit compares the keys,
+shapes and dtypes with :func:`autosam_core.trainable_state.state_mismatches`);
+:func:`require_uniform_privacy` checks the site configs.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -25,8 +24,7 @@ from ..config import ConfigError, SiteConfig
 from .errors import DPCompatibilityError, warn_privacy as _warn
 
 __all__ = ["MAX_GROUPS", "groupnorm_groups", "dp_incompatibilities", "make_private_compatible",
-           "check_private_compatible", "make_autosam_private_compatible", "dp_state_signature",
-           "require_uniform_privacy"]
+           "check_private_compatible", "make_autosam_private_compatible", "require_uniform_privacy"]
 
 log = logging.getLogger("autosam_core.privacy")
 
@@ -122,7 +120,7 @@ def make_private_compatible(module: nn.Module, max_groups: int = MAX_GROUPS) -> 
        report nothing.
 
     The input module is not modified. The copy keeps the input's train/eval mode. Its state has
-    other keys than the input's (see the module docstring and :func:`dp_state_signature`).
+    other keys than the input's (see the module docstring).
 
     Args:
         module: g (any nn.Module), e.g. ``AutoSam.prompt_generator``.
@@ -207,25 +205,6 @@ def make_autosam_private_compatible(model: AutoSam, max_groups: int = MAX_GROUPS
     """
     model.prompt_generator = make_private_compatible(model.prompt_generator, max_groups)
     return model
-
-
-def dp_state_signature(state: Mapping[str, torch.Tensor] | nn.Module) -> str:
-    """16-hex-digit fingerprint of a trainable state's keys, shapes and dtypes (not its values).
-
-    A BatchNorm g and its GroupNorm (DP) version have different signatures, so a server can refuse a
-    site whose model does not match the federation's before aggregating (send it as a string in a
-    ConfigRecord, or as ``int(sig, 16)``, which fits in an unsigned 64-bit integer).
-
-    Args:
-        state: a trainable state (``AutoSam.trainable_state()``), an AutoSam (its trainable state is
-            used) or any module (its ``state_dict()``).
-    """
-    if isinstance(state, AutoSam):
-        state = state.trainable_state()
-    elif isinstance(state, nn.Module):
-        state = state.state_dict()
-    text = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in sorted(state.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def require_uniform_privacy(sites: Mapping[str, SiteConfig] | Sequence[SiteConfig]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_json
 
 from .accounting import ACCOUNTANTS, epsilon_spent
 from .errors import PrivacyLedgerError
@@ -28,7 +28,7 @@ class PrivacyLedger:
     sample_rate, steps], ...]`` (Opacus accountant history, consecutive equal entries merged),
     ``"noise_multiplier"``, ``"sample_rate"``, ``"planned_steps"`` (the calibration of this site's
     noise, if any) and ``"rounds"`` (an audit list: steps, empty steps, epsilon after each round)}.
-    Written atomically (:func:`autosam_core.checkpoint.atomic_write_text`): a crash mid-write keeps the previous file.
+    Written atomically (:func:`autosam_core.files.atomic_write_json`): a crash mid-write keeps the previous file.
 
     Args:
         path: the JSON file (e.g. ``<state dir>/privacy-<site_id>.json``); None keeps it in memory.
@@ -79,7 +79,7 @@ class PrivacyLedger:
         payload = {"format": LEDGER_FORMAT, "mechanism": self.mechanism,
                    "history": [list(h) for h in self.history], "noise_multiplier": self.noise_multiplier,
                    "sample_rate": self.sample_rate, "planned_steps": self.planned_steps, "rounds": self.rounds}
-        atomic_write_text(self.path, json.dumps(payload, indent=1))
+        atomic_write_json(self.path, payload, indent=1)
 
     # accounting
     @property
