@@ -97,21 +97,27 @@ def test_server_instruction_carries_no_coordinator_path(tmp_path, sam_files):
     assert json.loads(str(cfg[P.MODEL_CONFIG]))["pretrained"] is None
 
 
-def test_dp_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_path, caplog):
-    """A DP federation's round checkpoint (written with the runner's metadata) rebuilds the GroupNorm g."""
+@pytest.mark.parametrize("kind", ["dp", "fedprox", "plain"])
+def test_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_path, caplog, kind):
+    """A federation's round checkpoint (written with the runner's metadata) rebuilds its g: the GroupNorm g
+    of a DP federation, the BatchNorm g of a FedAvg or FedProx one."""
     from autosam_core.checkpoint import save_checkpoint
     from autosam_core.cli import main
     from autosam_fl.preflight import load_federation
     from server.runner import checkpoint_metadata
 
     priv = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
-    fed_yaml = make_federation(tmp_path, sites={"a": 2, "b": 2}, model=DP_MODEL,
-                               site_options={"a": {"privacy": priv}, "b": {"privacy": priv}})
+    options = {"a": {"privacy": priv}, "b": {"privacy": priv}} if kind == "dp" else None
+    fed_yaml = make_federation(tmp_path, sites={"a": 2, "b": 2}, model=DP_MODEL, site_options=options)
+    if kind == "fedprox":
+        raw = __import__("yaml").safe_load(fed_yaml.read_text())
+        raw["strategy"] = {"name": "fedprox", "mu": 0.01}
+        write_yaml(fed_yaml, raw)
     fed, _ = load_federation(fed_yaml)
-    assert fed.model.dp_compatible
+    assert fed.model.dp_compatible == (kind == "dp")
     model = build_autosam(fed.sam, fed.model)
     state = model.trainable_state()
-    assert not any("running_mean" in k for k in state)  # GroupNorm: no BatchNorm buffers
+    assert any("running_mean" in k for k in state) == (kind != "dp")  # GroupNorm: no BatchNorm buffers
     ckpt = save_checkpoint(tmp_path / "best.pt", state, checkpoint_metadata(fed, 1, state))
 
     data = tmp_path / "data" / "bench"
@@ -128,7 +134,3 @@ def test_dp_federation_checkpoint_evaluates_and_predicts_through_the_cli(tmp_pat
     m = np.asarray(Image.open(masks[0]))
     assert m.shape == np.asarray(Image.open(sorted((data / "images").glob("*.png"))[0])).shape[:2]
     assert set(np.unique(m)) <= {0, 255}
-
-    plain_yaml = make_federation(tmp_path / "plain", sites={"a": 2, "b": 2}, model=DP_MODEL)
-    plain, _ = load_federation(plain_yaml)
-    assert not plain.model.dp_compatible
