@@ -98,7 +98,7 @@ def test_box_refinement_margin_largest_component_and_iterations(tiny_sam, monkey
     monkeypatch.setattr(tiny_sam, "refine_with_boxes", lambda e, lo, d, **kw: steps.append((lo, kw)) or lo + 1)
     model.refine_low_res(emb, first, dense)
     assert len(steps) == 2 and steps[0][0] is first and torch.equal(steps[1][0], first + 1)  # on its own output
-    assert steps[0][1]["box_margin"] == 2.0 and steps[0][1]["min_fraction"] == 0.1 and steps[0][1]["max_boxes"] == 8
+    assert steps[0][1]["box_margin"] == 2.0 and steps[0][1]["min_fraction"] == 0.3 and steps[0][1]["max_boxes"] == 8  # preset
     with pytest.raises(ValueError):
         ModelConfig(preset="sam_head", refine_iterations=0)
 
