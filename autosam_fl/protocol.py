@@ -137,7 +137,14 @@ def parse_site_error(reason: str) -> tuple[str | None, str]:
     """
     m = _SITE_TAG.search(reason or "")
     if m:
-        return m.group("site"), m.group("text").strip()
+        # The text is the rest of its line: it may quote names (key 'sam_checkpoint'), so it does not end at a
+        # quote; only the wrapper around it goes (Flower's "<class 'RuntimeError'>:<'text'>", or a repr's "')").
+        text = (reason or "")[m.start("text"):].split("\n", 1)[0].strip()
+        for wrapper in ("'>", "')", '")'):
+            if text.endswith(wrapper):
+                text = text[:-len(wrapper)]
+                break
+        return m.group("site"), text.strip()
     lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
     text = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
     return None, text[:500]

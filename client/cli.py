@@ -26,7 +26,8 @@ listening (waits up to ``--max-wait-time``, default 300 s), TLS on one side only
 signed by ``--root-certificates``; after the handshake: a key the coordinator did not register
 (exit 3), or the previous connection of this site still active (the site waits up to 75 s and
 rejoins by itself). Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
-2 configuration error, 3 key not registered, 4 cannot connect.
+2 configuration error, 3 key not registered, 4 cannot connect, or the connection ended before the run
+finished (the coordinator stopped or restarted: start the site again).
 
 ``--audit`` checks every reply before it is sent (only g/h arrays of the expected keys and shapes,
 allow-listed numeric metrics, the site id and fixed-template status texts; :mod:`client.audit`)
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                               else flwr_home / "connection.json", args.superlink)
     owner = marker.live_owner()
     refused = finished = waited = False
+    lost = None  # the SuperNode's exit code when the connection ended before the run finished
     rc = 0
     try:
         if owner is not None:
@@ -295,8 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                     # push it to the SuperLink (stopping at once lost site replies: "Node Unavailable").
                     stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS
             rc = 0 if finished else proc.returncode
-            if connected and (finished or proc.returncode == 0):
-                marker.clear()  # the SuperNode exited cleanly and signed off (deactivated its node)
+            if connected and finished:
+                marker.clear()  # the SuperNode signed off after the run's last reply (deactivated its node)
+            elif connected:
+                # The SuperNode stopped before the run's last reply: the connection was lost (Flower's SuperNode
+                # exits 0 when a restarted SuperLink no longer knows its node). The marker stays: if the same
+                # SuperLink still holds the node, a restart waits for its release.
+                lost, rc = proc.returncode, EXIT_CONNECT
             if activation_failed:
                 wait = marker.release_in()
                 if wait is None:
@@ -330,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
               f"Ask the coordinator to run autosam-server ... --site-key {site.site_id}=<{site.site_id}.pub> and start "
               "this site with --auth-key <its private key>.", file=sys.stderr)
         return EXIT_REFUSED
+    if lost is not None:
+        print(f"error: site {site.site_id}: the connection to the SuperLink at {args.superlink} ended before the run "
+              f"finished (Flower's SuperNode stopped, exit code {lost}): the coordinator stopped or was restarted, or "
+              "the network failed. Start this site again with the same command once the coordinator runs (a resumed "
+              "run continues from its last checkpoint).", file=sys.stderr)
     return rc
 
 
