@@ -252,7 +252,10 @@ class FederationConfig(_Strict):
     ``sites``, else ``min_sites``). client_gpus: GPUs per simulated site
     (fractional allowed: Flower/Ray's per-client GPU resource; Ray gives each site its own
     CUDA_VISIBLE_DEVICES, so sites are spread over the GPUs instead of all using cuda:0).
-    device/precision: the server's central evaluation (:mod:`autosam_core.precision`). Every
+    device/precision: the server's central evaluation (:mod:`autosam_core.precision`).
+    transfer_dtype: the dtype g's floating-point arrays travel in, server -> sites and back
+    (``bfloat16`` / ``float16`` halve the bytes per round; the server keeps and averages float32;
+    integer buffers travel unchanged; :mod:`autosam_fl.transfer`). Every
     relative path (``sites``, ``output_dir``, ``cache_dir``, dataset folders) is relative to this
     file's folder; the run folder is ``<output_dir>/<name>``.
     """
@@ -275,6 +278,7 @@ class FederationConfig(_Strict):
     client_gpus: float = Field(0.0, ge=0)
     device: str = "auto"
     precision: Precision = "auto"
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
 

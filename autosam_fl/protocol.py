@@ -9,10 +9,12 @@ Train instruction (server -> site), ``RecordDict``:
                 fingerprint; never a path), ``model-config`` (JSON of
                 :class:`autosam_core.config.ModelConfig`, ``pretrained`` cleared), ``seed`` (int), ``dp`` (bool: the global g
                 is DP-compatible, BatchNorm replaced by GroupNorm; every site must then set
-                ``privacy``), ``planned-rounds`` (int: the federation's rounds, for DP budgets).
+                ``privacy``), ``planned-rounds`` (int: the federation's rounds, for DP budgets), ``transfer-dtype``
+                (str: the dtype of ``arrays`` on the wire, both directions, :mod:`autosam_fl.transfer`).
 
 Train reply (site -> server), ``RecordDict``:
-    ``arrays``  ArrayRecord: exactly ``AutoSam.trainable_state()`` after local training.
+    ``arrays``  ArrayRecord: exactly ``AutoSam.trainable_state()`` after local training, its
+                floating-point arrays in the instruction's ``transfer-dtype``.
     ``metrics`` MetricRecord: ``num-examples`` (training samples, never batches; 0 when a DP
                 site's budget is spent and it did not train), ``train_loss``, ``train_dice``,
                 ``train_seconds``, ``local_epochs``; DP sites add ``epsilon`` (spent so far, all
@@ -61,6 +63,9 @@ PLANNED_ROUNDS = "planned-rounds"
 #: Instruction config: the global round after which the run ends (resume offset included), and whether
 #: a federated evaluate message follows every train round; a site uses them to tell that a run is over.
 FINAL_ROUND = "final-round"
+#: Instruction config: the dtype g's floating-point arrays travel in, both directions
+#: (``float32``/``bfloat16``/``float16``, :mod:`autosam_fl.transfer`); absent = float32.
+TRANSFER_DTYPE = "transfer-dtype"
 FEDERATED_EVALUATE = "federated-evaluate"
 
 # Site record (ConfigRecord ``site``) keys and values.

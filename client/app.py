@@ -36,13 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 from autosam_core.trainable_state import Signature
 
 from autosam_fl import protocol as P
+from autosam_fl.transfer import check_transfer_dtype, decode_state, encode_state, wire_signature
 from .audit import AuditViolation, ReplyAudit, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
@@ -321,6 +324,32 @@ def keep_only_model_of(config: ConfigRecord) -> int:
     return len(stale)
 
 
+def transfer_dtype_of(config: ConfigRecord) -> str:
+    """The instruction's ``transfer-dtype`` (float32 when absent).
+
+    Raises:
+        TransferDtypeError: a value outside ``float32``/``bfloat16``/``float16``.
+    """
+    return check_transfer_dtype(str(config.get(P.TRANSFER_DTYPE, "float32")))
+
+
+def received_state(record: ArrayRecord, transfer_dtype: str) -> dict[str, torch.Tensor]:
+    """The instruction's ``arrays`` -> g/h state dict of float32 (floating) / int64 tensors, on the CPU.
+
+    Raises:
+        TransferDtypeError: a floating array is not in the wire dtype of ``transfer_dtype``.
+    """
+    state = decode_state({k: v.numpy() for k, v in record.items()}, transfer_dtype)
+    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+
+
+def reply_arrays(state: dict[str, torch.Tensor], transfer_dtype: str) -> ArrayRecord:
+    """g/h's trainable state as it travels back: floating arrays in ``transfer_dtype``."""
+    if transfer_dtype == "float32":
+        return ArrayRecord(state)
+    return ArrayRecord({k: Array(v) for k, v in encode_state(state, transfer_dtype).items()})
+
+
 def train(msg: Message, context: Context) -> Message:
     """Train on the site's data from the global state; reply with g/h state and metrics.
 
@@ -341,20 +370,21 @@ def train(msg: Message, context: Context) -> Message:
     try:
         rt = get_site_runtime(context, config)
         label = rt.site.site_id
-        rt.model.load_trainable_state(msg.content[P.ARRAYS].to_torch_state_dict())
+        dtype = transfer_dtype_of(config)
+        rt.model.load_trainable_state(received_state(msg.content[P.ARRAYS], dtype))
         epochs = int(config.get(P.LOCAL_EPOCHS, 0)) or rt.site.local_epochs
         mu = float(config.get(P.PROXIMAL_MU, 0.0))
         stats = rt.trainer.fit(epochs, proximal_mu=mu, seed=int(config.get(P.SEED, 0)) + server_round)
         if stats.get("skip_reason"):
             log.warning("site %s did not train in round %d: %s", label, server_round, stats["skip_reason"])
         content = RecordDict({
-            P.ARRAYS: ArrayRecord(rt.model.trainable_state()),
+            P.ARRAYS: reply_arrays(rt.model.trainable_state(), dtype),
             P.METRICS: train_metrics(stats, epochs, rt.trainer.num_examples),
             P.SITE: site_record(label, stats),
         })
         if rt.audit is not None:
-            rt.audit.audit(content, "train", run_id=context.run_id, server_round=server_round, expected=rt.expected,
-                           max_examples=rt.trainer.num_examples)
+            rt.audit.audit(content, "train", run_id=context.run_id, server_round=server_round,
+                           expected=wire_signature(rt.expected, dtype), max_examples=rt.trainer.num_examples)
         return Message(content, reply_to=msg)
     except Exception as err:
         _raise_error_reply(context, label, server_round, "train", err)
@@ -381,7 +411,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         pairs = rt.trainer.val_pairs
         dice = iou = 0.0
         if pairs:
-            rt.model.load_trainable_state(msg.content[P.ARRAYS].to_torch_state_dict())
+            rt.model.load_trainable_state(received_state(msg.content[P.ARRAYS], transfer_dtype_of(config)))
             res = evaluate_pairs(rt.model, pairs, rt.trainer.cache)
             dice, iou = float(res["dice"]), float(res["iou"])
         metrics = MetricRecord({P.NUM_EXAMPLES: len(pairs), "val_dice": dice, "val_iou": iou})

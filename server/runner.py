@@ -32,7 +32,7 @@ from autosam_fl import protocol as P
 from autosam_fl.preflight import load_federation
 
 from . import outputs
-from .strategy import MinSitesError, build_strategy
+from .strategy import MinSitesError, arrayrecord_nbytes, build_strategy, wire_record
 
 log = logging.getLogger("autosam.server")
 
@@ -257,7 +257,7 @@ class FederatedServer:
         self.strategy = build_strategy(
             fed.strategy.name, fed.strategy.mu, min_sites=fed.min_sites, round_timeout=fed.round_timeout,
             node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset,
-            start_sites=fed.start_sites or len(fed.sites) or fed.min_sites)
+            start_sites=fed.start_sites or len(fed.sites) or fed.min_sites, transfer_dtype=fed.transfer_dtype)
 
     def _model_config(self) -> ConfigRecord:
         fed = self.fed
@@ -269,6 +269,7 @@ class FederatedServer:
             P.SEED: int(fed.seed),
             P.LOCAL_EPOCHS: self.local_epochs, P.DP: bool(self.dp), P.PLANNED_ROUNDS: int(fed.rounds),
             P.FINAL_ROUND: int(fed.rounds), P.FEDERATED_EVALUATE: not fed.validation,
+            P.TRANSFER_DTYPE: fed.transfer_dtype,
         })
 
     def _execute(self, grid: Grid) -> None:
@@ -278,9 +279,9 @@ class FederatedServer:
             return
         arrays = ArrayRecord(self.initial_state)
         self.summary["initial_state_sha256"] = outputs.state_digest(arrays.to_torch_state_dict())
-        log.info("model: %s, g input %d, SAM %s; %d trainable tensors, %.1f MB per transfer",
+        log.info("model: %s, g input %d, SAM %s; %d trainable tensors, %.1f MB per transfer in %s",
                  self.fed.model.backbone, self.fed.model.g_input_size, self.fed.sam.kind, len(arrays),
-                 sum(len(a.data) for a in arrays.values()) / 1e6)
+                 arrayrecord_nbytes(wire_record(arrays, self.fed.transfer_dtype)) / 1e6, self.fed.transfer_dtype)
         self._t_last = time.time()
         self.strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, timeout=self.fed.round_timeout,
                             train_config=self._model_config(), evaluate_config=self._model_config(),
@@ -372,6 +373,7 @@ class FederatedServer:
             "model_hash": model_hash(self.fed), "backbone": self.fed.model.backbone,
             "g_input_size": self.fed.model.g_input_size, "sam_kind": self.fed.sam.kind,
             "strategy": self.fed.strategy.model_dump(), "rounds_planned": self.fed.rounds,
+            "transfer_dtype": self.fed.transfer_dtype,
             "rounds_completed": max([r["round"] for r in self.history], default=0),
             "resumed_from": self.resumed_from if hasattr(self, "resumed_from") else None,
             "best": self.best, "num_examples_per_site": sites_n, "bytes_per_site_per_round": bytes_site,

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from autosam_core.trainable_state import is_trainable_key
 from autosam_fl import protocol as P
+from autosam_fl.transfer import TransferDtypeError, check_transfer_dtype, decode_state, encode_state
 
 from .aggregation import check_num_examples, check_state, weighted_average
 
@@ -55,6 +56,13 @@ def arrayrecord_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def wire_record(record: ArrayRecord, transfer_dtype: str) -> ArrayRecord:
+    """The global state as it travels to the sites: floating arrays narrowed to ``transfer_dtype``."""
+    if transfer_dtype == "float32":
+        return record
+    return ArrayRecord({k: Array(v) for k, v in encode_state(arrayrecord_to_numpy(record), transfer_dtype).items()})
+
+
 def arrayrecord_nbytes(record: ArrayRecord) -> int:
     """Serialized size of an ArrayRecord's arrays in bytes (what crosses the network, before gRPC framing)."""
     return int(sum(len(v.data) for v in record.values()))
@@ -80,11 +88,15 @@ class RobustAggregation:
         round_offset: rounds done before this run (resume); logs and ``global-round`` add it.
         start_sites: sites to wait for before the first round (default ``min_sites``), so a run
             with ``min_sites`` below the number of sites still starts with all of them.
+        transfer_dtype: dtype of g's floating-point arrays on the wire, both directions
+            (:mod:`autosam_fl.transfer`); replies are decoded to float32 before they are checked
+            and averaged, so the average and the global model stay float32.
     """
 
     def __init__(self, *args, min_sites: int = 1, round_timeout: float = 600.0,
                  node_sites: dict[int, str] | None = None, federated_validation: bool = False,
-                 round_offset: int = 0, start_sites: int | None = None, **kwargs):
+                 round_offset: int = 0, start_sites: int | None = None, transfer_dtype: str = "float32",
+                 **kwargs):
         kwargs.setdefault("fraction_train", 1.0)
         kwargs.setdefault("min_train_nodes", min_sites)
         kwargs.setdefault("min_available_nodes", min_sites)
@@ -97,6 +109,7 @@ class RobustAggregation:
         self.node_sites: dict[int, str] = dict(node_sites or {})
         self.federated_validation = federated_validation
         self.round_offset = round_offset
+        self.transfer_dtype = check_transfer_dtype(transfer_dtype)
         self.reports: dict[int, RoundReport] = {}
         self._global_ref: dict[str, np.ndarray] = {}
 
@@ -129,6 +142,8 @@ class RobustAggregation:
         self._wait_for_nodes(grid, server_round, self.start_sites if server_round == 1 else self.min_sites)
         self._global_ref = arrayrecord_to_numpy(arrays)
         config[P.GLOBAL_ROUND] = self.round_offset + server_round
+        config[P.TRANSFER_DTYPE] = self.transfer_dtype
+        arrays = wire_record(arrays, self.transfer_dtype)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         report = self.reports[server_round] = RoundReport(server_round)
         report.sent_to = {m.metadata.dst_node_id: self.site_of(m.metadata.dst_node_id) for m in messages}
@@ -245,8 +260,12 @@ class RobustAggregation:
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             return (f"expected exactly one ArrayRecord and one MetricRecord, found {len(content.array_records)} "
                     f"and {len(content.metric_records)}"), None, None
-        state = arrayrecord_to_numpy(next(iter(content.array_records.values())))
+        wire = arrayrecord_to_numpy(next(iter(content.array_records.values())))
         metrics = next(iter(content.metric_records.values()))
+        try:
+            state = decode_state(wire, self.transfer_dtype, self._global_ref or None)
+        except TransferDtypeError as err:
+            return str(err), wire, metrics
         if P.NUM_EXAMPLES not in metrics:
             return f"MetricRecord lacks {P.NUM_EXAMPLES!r}", state, metrics
         reason = check_num_examples(metrics[P.NUM_EXAMPLES]) or check_state(state, self._global_ref or None)
@@ -263,7 +282,8 @@ class RobustAggregation:
             return []
         self._wait_for_nodes(grid, server_round, self.min_sites)
         config[P.GLOBAL_ROUND] = self.round_offset + server_round
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        config[P.TRANSFER_DTYPE] = self.transfer_dtype
+        return super().configure_evaluate(server_round, wire_record(arrays, self.transfer_dtype), config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Validation Dice/IoU weighted by validation images; failures are logged, never fatal."""
