@@ -8,7 +8,7 @@ Floating-point arrays travel as
   reply is rejected as non-finite);
 - ``bfloat16``: NumPy has no bfloat16 dtype, so the 16 upper bits of each float32 travel as uint16,
   rounded to nearest even (the same rounding as ``torch.Tensor.to(torch.bfloat16)``). bfloat16 keeps
-  float32's 8-bit exponent (no overflow) with an 8-bit mantissa (relative error <= 2**-9).
+  float32's 8-bit exponent (no overflow) with 7 stored mantissa bits (relative rounding error <= 2**-8).
 
 Integer arrays (BatchNorm's ``num_batches_tracked``, int64) always travel unchanged. The receiver
 decodes every floating-point array back to float32 before loading or averaging, so each side sees the

@@ -42,10 +42,10 @@ def test_bfloat16_bits_match_torch_rounding_and_specials():
     assert np.isnan(nan).all()
     finite = np.isfinite(x) & (np.abs(x) > 1e-37) & (np.abs(x) < 3e38)
     rel = np.abs(back[finite] - x[finite]) / np.abs(x[finite])
-    assert rel.max() <= 2.0 ** -9
+    assert rel.max() <= 2.0 ** -8
 
 
-@pytest.mark.parametrize("dtype,wire,tol", [("float32", np.float32, 0.0), ("bfloat16", np.uint16, 2.0 ** -9),
+@pytest.mark.parametrize("dtype,wire,tol", [("float32", np.float32, 0.0), ("bfloat16", np.uint16, 2.0 ** -8),
                                             ("float16", np.float16, 2.0 ** -11)])
 def test_encode_decode_round_trip_keeps_keys_shapes_and_int64(dtype, wire, tol):
     s = _state(0)
@@ -93,7 +93,7 @@ def test_server_averages_bfloat16_replies_in_float32_and_counts_half_the_bytes()
     assert avg[W].dtype == np.float32 and avg[N].dtype == np.int64  # the global model stays float32
     da, db = (decode_state(encode_state(s, "bfloat16"), "bfloat16", s) for s in (a, b))
     np.testing.assert_allclose(avg[W], 0.75 * da[W] + 0.25 * db[W], rtol=1e-6, atol=1e-7)
-    assert int(avg[N]) == 8  # rint(0.75 * 7 + 0.25 * 8)
+    assert int(avg[N]) == 7  # rint(0.75 * 7 + 0.25 * 8 = 7.25)
     rep = strat.reports[1].sites["A"]
     f32 = arrayrecord_nbytes(ArrayRecord({k: Array(v) for k, v in a.items()}))
     assert rep["upload_bytes"] <= 0.51 * f32
@@ -109,3 +109,46 @@ def test_server_rejects_a_float32_reply_when_bfloat16_was_asked(caplog):
     assert "B" in strat.reports[1].failed and "must travel as uint16" in strat.reports[1].failed["B"]
     assert strat.reports[1].sites.keys() == {"A"}
     assert out[W].numpy().dtype == np.float32
+
+
+def test_site_trains_from_bfloat16_arrays_and_replies_in_bfloat16(tmp_path, monkeypatch):
+    """A site decodes the instruction's bfloat16 arrays, trains in float32 and narrows its reply; the
+    reply audit checks the wire dtypes (uint16 for floats, int64 counters unchanged)."""
+    import json
+
+    from flwr.app import Context
+
+    from autosam_core.config import ModelConfig, SamConfig
+    from autosam_core.model_factory import build_autosam
+    from client import app as client_app
+    from tests.fl_helpers import TINY_MODEL, make_federation
+
+    make_federation(tmp_path, sites={"site_a": 3}, val_fraction=0.34)
+    monkeypatch.setenv("AUTOSAM_CACHE", str(tmp_path / "cache"))
+    state = build_autosam(SamConfig(kind="tiny"), ModelConfig(**TINY_MODEL)).trainable_state()
+    wire = encode_state(state, "bfloat16")
+    cfg = ConfigRecord({P.SERVER_ROUND: 1, P.SAM_KIND: "tiny", P.MODEL_CONFIG: json.dumps(TINY_MODEL), P.SEED: 0,
+                        P.LOCAL_EPOCHS: 1, P.TRANSFER_DTYPE: "bfloat16"})
+    meta = Metadata(run_id=1, message_id=f"ins-{time.time_ns()}", src_node_id=0, dst_node_id=3,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+    msg = Message(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in wire.items()}), P.CONFIG: cfg}),
+                  metadata=meta)
+    ctx = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
+                  node_config={P.NODE_SITE_CONFIG: str(tmp_path / "sites" / "site_a.yaml"), P.NODE_AUDIT: True})
+    reply = client_app.train(msg, ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    got = {k: v.numpy() for k, v in reply.content[P.ARRAYS].items()}
+    assert list(got) == list(state)
+    for k, v in state.items():
+        want = np.int64 if not v.dtype.is_floating_point else np.uint16
+        assert got[k].dtype == want and got[k].shape == tuple(v.shape), k
+    dec = decode_state(got, "bfloat16", {k: v.numpy() for k, v in state.items()})
+    moved = [k for k, v in state.items() if v.dtype.is_floating_point and not np.array_equal(dec[k], v.numpy())]
+    assert moved  # the site trained from the decoded weights and sent its own back
+    rec = json.loads(next((tmp_path).rglob("audit-site_a.json")).read_text())["replies"][-1]
+    assert rec["verdict"] == "sent", rec
+    # a float32 instruction into the same site still works (the default when the key is absent)
+    cfg32 = ConfigRecord({k: v for k, v in cfg.items() if k != P.TRANSFER_DTYPE})
+    msg32 = Message(RecordDict({P.ARRAYS: ArrayRecord(state), P.CONFIG: cfg32}), metadata=meta)
+    reply32 = client_app.train(msg32, ctx)
+    assert {v.numpy().dtype for v in reply32.content[P.ARRAYS].values()} == {np.dtype(np.float32), np.dtype(np.int64)}
