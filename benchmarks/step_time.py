@@ -7,6 +7,8 @@ Prints JSON with stable keys:
 - ``fp32_seconds_per_step``, ``bf16_seconds_per_step``, ``speedup_bf16``: one cached training step
   of g (``--preset``, default ``paper`` = HarDNet-85) + the frozen SAM decoder + loss + Adam, median
   over ``--steps`` after one warm-up step; on CUDA the half-precision row is bf16 where supported;
+- ``bf16_channels_last_seconds_per_step``: the bf16 cached step with g (weights and inputs) in
+  channels_last memory format;
 - ``uncached_seconds_per_step``: the same step re-encoding every batch (paper-exact path), in the
   faster precision;
 - ``encoder_seconds_per_image_fp32`` / ``_bf16``: the frozen image encoder (inference);
@@ -58,8 +60,11 @@ def time_steps(model, loader, steps: int) -> list[float]:
         t0 = time.perf_counter()
         emb = (batch["image_embeddings"].to(sam.device) if "image_embeddings" in batch
                else sam.encode(batch["sam_input"]))
+        g_in = batch.get("g_input")
+        if g_in is not None and getattr(model, "channels_last", False):
+            g_in = g_in.contiguous(memory_format=torch.channels_last)
         with autocast(sam.device, sam.precision):
-            dense = model.dense_prompt(emb, batch.get("g_input"))
+            dense = model.dense_prompt(emb, g_in)
         loss, _ = masked_loss_and_dice(sam.decode(emb, dense), batch["target"], batch["valid"])
         opt.zero_grad()
         loss.backward()
@@ -118,6 +123,12 @@ def main() -> None:
         loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
         out[f"{precision}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
     out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
+    # channels_last g (weights and inputs in NHWC), same half-precision cached step
+    model.prompt_generator.to(memory_format=torch.channels_last)
+    model.channels_last = True
+    out[f"{half}_channels_last_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
+    model.prompt_generator.to(memory_format=torch.contiguous_format)
+    model.channels_last = False
     sam.set_precision(half)
     loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
                          shuffle=False)
