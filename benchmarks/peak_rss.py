@@ -5,8 +5,9 @@
 Samples ``/proc/<pid>/status`` (``VmRSS``) of the command and all its descendants every
 ``--interval`` seconds (Linux only; no dependency). Each process is put in a role by its command line
 (``simulation`` = ``autosam simulate``, ``server`` = ``autosam-server``, ``site`` = ``autosam-client``,
-``superlink``, ``supernode``, ``serverapp``, ``clientapp`` (Flower's per-message/simulation app
-processes), ``ray-actor``, ``ray`` (Ray's own daemons), ``other``). Prints JSON: ``wall_seconds``,
+``superlink``, ``supernode``, ``serverapp`` (also ``flwr-simulation``, where the ServerApp of a
+simulation runs), ``clientapp`` (Flower's per-message app processes), ``ray-actor`` (a simulated
+site), ``ray`` (Ray's own daemons), ``other``). Prints JSON: ``wall_seconds``,
 ``returncode``, ``peak_rss_mb_by_role`` (the largest single process of each role),
 ``peak_tree_rss_mb`` (the largest sum over the whole tree at one sample) and ``processes`` (pid, role,
 peak MB, the first 160 characters of the command line). A process that lives shorter than the
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 
 ROLES = (  # first match wins
-    ("ray::", "ray-actor"), ("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp"),
+    ("ray::", "ray-actor"), ("workers/default_worker.py", "ray-actor"), ("flwr-simulation", "serverapp"),
+    ("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp"),
     ("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
     ("simulate", "simulation"), ("server.cli", "server"), ("autosam-server", "server"),
     ("client.cli", "site"), ("autosam-client", "site"), ("ray/", "ray"), ("raylet", "ray"), ("gcs_server", "ray"),

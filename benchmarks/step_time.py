@@ -38,7 +38,7 @@ from autosam_core.data.dataset import resolve_pairs
 from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
 from autosam_core.model_factory import build_autosam
 from autosam_core.training import masked_loss_and_dice
-from autosam_core.precision import autocast, resolve_device
+from autosam_core.precision import autocast, cpu_has_fast_bf16, resolve_device
 from autosam_core.sam import SPECS, FrozenSam, load_frozen_sam
 
 
@@ -107,29 +107,36 @@ def main() -> None:
     ap.add_argument("--preset", default="paper", choices=("paper", "sam_head"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sam", default="lite_medsam", choices=("lite_medsam", "vit_h_random"))
+    ap.add_argument("--fp32-only", action="store_true",
+                    help="skip the half-precision rows (a CPU without bf16 units emulates bf16 slowly: "
+                         "cpu_has_fast_bf16() is false there and precision auto picks fp32)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    fast_half = device.type == "cuda" or cpu_has_fast_bf16()
+    halves = [] if args.fp32_only else [half]
     n = args.batch_size * (args.steps + 1)
     sam = load_frozen_sam("lite_medsam").to(device)
     model = build_autosam(SamConfig(), ModelConfig(preset=args.preset), sam=sam)
     pairs = resolve_pairs(DataRef(dataset="Kvasir-SEG", split="pranet_train", limit=n))
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                 "preset": args.preset, "sam": args.sam}
-    for precision in ("fp32", half):
+                 "preset": args.preset, "sam": args.sam, "fast_half_precision": fast_half}
+    for precision in ("fp32", *halves):
         sam.set_precision(precision)
         cache = EmbeddingCache(sam)
         cache.ensure([p.image_path for p in pairs], load_image, progress=False)
         loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
         out[f"{precision}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
-    out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
-    # channels_last g (weights and inputs in NHWC), same half-precision cached step
+    if halves:
+        out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
+    # channels_last g (weights and inputs in NHWC), same cached step in the last precision timed
     model.prompt_generator.to(memory_format=torch.channels_last)
     model.channels_last = True
-    out[f"{half}_channels_last_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
+    out[f"{(halves or ['fp32'])[-1]}_channels_last_seconds_per_step"] = statistics.median(
+        time_steps(model, loader, args.steps))
     model.prompt_generator.to(memory_format=torch.contiguous_format)
     model.channels_last = False
-    sam.set_precision(half)
+    sam.set_precision((halves or ["fp32"])[-1])
     loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
                          shuffle=False)
     out["uncached_seconds_per_step"] = statistics.median(time_steps(model, loader, 1))
@@ -142,7 +149,7 @@ def main() -> None:
                             weights_id="random").to(device)
     s = enc_sam.spec.input_size
     images = torch.randn(4, 3, s, s)
-    for precision in ("fp32", half):
+    for precision in ("fp32", *halves):
         out[f"encoder_seconds_per_image_{precision}"] = time_encoder(enc_sam, images, precision)
     emb = (torch.randn(args.batch_size, 256, 64, 64) * 0.1).to(device)
     out["decoder_batched_seconds_per_image"] = time_decoder(sam, emb, per_sample=False)

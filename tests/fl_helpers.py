@@ -41,10 +41,11 @@ def make_federation(tmp: Path, *, sites: dict[str, int], rounds: int = 2, min_si
                     val_fraction: float = 0.0, central_validation: bool = True, bench_images: int = 2,
                     round_timeout: float = 120.0, resume: bool = False, name: str = "fedtest",
                     model: dict | None = None, output_dir: Path | None = None, client_cpus: float = 1.0,
-                    site_options: dict[str, dict] | None = None) -> Path:
+                    site_options: dict[str, dict] | None = None, fed_options: dict | None = None) -> Path:
     """Write synthetic data, one site YAML per entry of ``sites`` (site id -> images) and a federation YAML.
 
-    ``site_options``: site id -> extra site YAML keys (e.g. ``privacy``, ``audit``).
+    ``site_options``: site id -> extra site YAML keys (e.g. ``privacy``, ``audit``); ``fed_options``:
+    extra federation YAML keys (e.g. ``transfer_dtype``).
     """
     data = tmp / "data"
     site_files = []
@@ -65,6 +66,6 @@ def make_federation(tmp: Path, *, sites: dict[str, int], rounds: int = 2, min_si
         "evaluate": [{"dataset": str(data / "bench"), "name": "bench"}],
         "validation": [{"dataset": str(data / "val"), "name": "val"}] if central_validation else [],
         "output_dir": str(output_dir or tmp / "runs"), "cache_dir": str(tmp / "cache"), "resume": resume,
-        "client_cpus": client_cpus,
+        "client_cpus": client_cpus, **(fed_options or {}),
     }
     return write_yaml(tmp / f"{name}.yaml", fed)

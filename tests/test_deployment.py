@@ -32,6 +32,18 @@ def _reader(proc, q: queue.Queue, sink: list) -> threading.Thread:
     return t
 
 
+def _float32_bytes() -> int:
+    """Bytes of the tiny federation's g state as float32 Flower arrays (what travels without narrowing)."""
+    from flwr.app import ArrayRecord
+
+    from autosam_core.config import ModelConfig, SamConfig
+    from autosam_core.model_factory import build_autosam
+    from tests.fl_helpers import TINY_MODEL
+
+    state = build_autosam(SamConfig(kind="tiny"), ModelConfig(**TINY_MODEL)).trainable_state()
+    return int(sum(len(a.data) for a in ArrayRecord(state).values()))
+
+
 def test_tls_deployment_two_sites_and_refused_rogue(tmp_path):
     from server.certs import generate_site_key, generate_tls
     from server.processes import ProcessTracker, flower_env, free_port
@@ -40,7 +52,9 @@ def test_tls_deployment_two_sites_and_refused_rogue(tmp_path):
     generate_tls(certs)
     for site in ("site_a", "site_b", "rogue"):
         generate_site_key(certs, site)
-    fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1}, rounds=2, min_sites=2, round_timeout=150)
+    # g travels in bfloat16 over the real TLS connection (issue 9: transfer_dtype)
+    fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1}, rounds=2, min_sites=2, round_timeout=150,
+                          fed_options={"transfer_dtype": "bfloat16"})
     port = free_port()
     env = flower_env(tmp_path / "flwr_test_home")
     py = sys.executable
@@ -93,6 +107,10 @@ def test_tls_deployment_two_sites_and_refused_rogue(tmp_path):
             assert set(rec["sites"]) == {"site_a", "site_b"} and not rec["failed_sites"]
             assert all(rec["reply_keys_ok"].values())
         assert "round 2/2" in text
+        assert summary["transfer_dtype"] == "bfloat16"
+        f32 = _float32_bytes()
+        for site, b in summary["bytes_per_site_per_round"].items():
+            assert 0.4 * f32 < b["upload"] <= 0.51 * f32 and 0.4 * f32 < b["download"] <= 0.51 * f32, (site, b, f32)
     finally:
         tracker.stop()
     assert tracker.alive() == [], f"processes still running: {tracker.alive()}"
