@@ -409,13 +409,17 @@ def _toml_value(v) -> str:
     return json.dumps(str(v))
 
 
-def run_status(connection: str, run_id: int, env: dict) -> tuple[str, str]:
+def run_status(connection: str, run_id: int, env: dict, timeout: float = 180.0) -> tuple[str, str]:
     """(status, details) of a run from ``flwr ls <connection> --run-id <id> --format json``.
 
-    Status is e.g. ``finished:completed`` or ``finished:failed``; ('unknown', text) if unreadable.
+    Status is e.g. ``finished:completed`` or ``finished:failed``; ('unknown', text) if unreadable or when
+    ``flwr ls`` does not answer within ``timeout`` seconds.
     """
-    res = subprocess.run([flower_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    cmd = [flower_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "unknown", f"`{' '.join(cmd[1:])}` did not answer within {timeout:.0f} s"
     try:
         start = res.stdout.index("{")
         data = json.loads(res.stdout[start:])

@@ -26,8 +26,10 @@ listening (waits up to ``--max-wait-time``, default 300 s), TLS on one side only
 signed by ``--root-certificates``; after the handshake: a key the coordinator did not register
 (exit 3), or the previous connection of this site still active (the site waits up to 75 s and
 rejoins by itself). Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
-2 configuration error, 3 key not registered, 4 cannot connect, or the connection ended before the run
-finished (the coordinator stopped or restarted: start the site again).
+2 configuration error (also when the site refused the coordinator's run because its own setup does not
+fit it, e.g. SAM weights with another fingerprint: the error reply is sent, then the site stops), 3 key
+not registered, 4 cannot connect, or the connection ended before the run finished (the coordinator
+stopped or restarted: start the site again).
 
 ``--audit`` checks every reply before it is sent (only g/h arrays of the expected keys and shapes,
 allow-listed numeric metrics, the site id and fixed-template status texts; :mod:`client.audit`)
@@ -117,6 +119,9 @@ class RoundConsole:
         self.site_id = site_id
         self.done_runs: set[int] = set()
         self.handled = 0
+        #: run id -> why this site cannot take part in it (a ``SiteSetupError``: its own SAM weights, DP setting
+        #: or version do not fit the coordinator's instruction; no later round of the run can change that).
+        self.refused_runs: dict[int, str] = {}
 
     def __call__(self, kind: str, msg, context):
         """Handle one ``train``/``evaluate`` message; returns the reply's RecordDict."""
@@ -140,6 +145,9 @@ class RoundConsole:
             reply = getattr(site_app, kind)(msg, context)
         except Exception as err:
             print(f"[autosam] site {self.site_id}: round {rnd}{of}: {kind} failed: {err}", file=sys.stderr, flush=True)
+            cause = err.__cause__ or err.__context__  # the handler re-raises it tagged (``from None`` with the audit)
+            if isinstance(cause, site_app.SiteSetupError):
+                self.refused_runs[int(context.run_id)] = str(cause)
             raise
         finally:
             self.handled += 1
@@ -257,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                               else flwr_home / "connection.json", args.superlink)
     owner = marker.live_owner()
     refused = finished = waited = False
+    refusal = None  # (run id, why) when this site refused the run (exit 2 after its error reply is sent)
     lost = None  # the SuperNode's exit code when the connection ended before the run finished
     rc = 0
     try:
@@ -289,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                           "coordinator's rounds (Ctrl-C stops this site)", flush=True)
                 elif what == ACTIVATION_FAILED:
                     activation_failed = True
+                elif what == SENT and console.refused_runs and not args.serve and refusal is None and not finished:
+                    refusal = next(iter(console.refused_runs.items()))
+                    print(f"[autosam] site {site.site_id}: refused run {refusal[0]} (error reply sent); stopping",
+                          flush=True)
+                    stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS  # let the error reply reach the SuperLink
                 elif what == SENT and console.done_runs and not args.serve and not finished:
                     finished = True
                     print(f"[autosam] site {site.site_id}: run {max(console.done_runs)} finished; last reply sent. "
@@ -297,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                     # push it to the SuperLink (stopping at once lost site replies: "Node Unavailable").
                     stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS
             rc = 0 if finished else proc.returncode
-            if connected and finished:
+            if refusal is not None:
+                rc = EXIT_CONFIG
+                marker.clear()  # stopped by this CLI: the SuperNode signed off
+            elif connected and finished:
                 marker.clear()  # the SuperNode signed off after the run's last reply (deactivated its node)
             elif connected:
                 # The SuperNode stopped before the run's last reply: the connection was lost (Flower's SuperNode
@@ -337,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
               f"Ask the coordinator to run autosam-server ... --site-key {site.site_id}=<{site.site_id}.pub> and start "
               "this site with --auth-key <its private key>.", file=sys.stderr)
         return EXIT_REFUSED
+    if refusal is not None:
+        print(f"error: site {site.site_id} cannot take part in run {refusal[0]}: {refusal[1]}. The coordinator was told "
+              "(error reply); the site stopped. Fix its configuration and start it again.", file=sys.stderr)
+        return EXIT_CONFIG
     if lost is not None:
         print(f"error: site {site.site_id}: the connection to the SuperLink at {args.superlink} ended before the run "
               f"finished (Flower's SuperNode stopped, exit code {lost}): the coordinator stopped or was restarted, or "

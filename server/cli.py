@@ -106,8 +106,12 @@ def register_sites(keys: dict[str, Path], env: dict) -> dict[int, str]:
     """
     nodes = {}
     for site, pub in keys.items():
-        res = subprocess.run([flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--format", "json"],
-                             env=env, capture_output=True, text=True, timeout=60)
+        try:
+            res = subprocess.run([flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--format",
+                                  "json"], env=env, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            raise FlowerProcessError(f"registering site {site} ({pub}) failed: `flwr supernode register` did not "
+                                     "answer within 180 s") from None
         try:
             data = json.loads(res.stdout[res.stdout.index("{"):])
             if not data.get("success"):

@@ -36,26 +36,28 @@ class Deployment:
     def __exit__(self, *exc) -> None:
         self.tracker.stop()
 
-    def _start(self, name: str, cmd: list[str]):
+    def _start(self, name: str, cmd: list[str], env: dict | None = None):
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
-        proc = self.tracker.popen(name, [sys.executable, *cmd], env=self.env, cwd=REPO, log_path=log)
+        proc = self.tracker.popen(name, [sys.executable, *cmd], env={**self.env, **(env or {})}, cwd=REPO,
+                                  log_path=log)
         self.procs[name] = proc
         return proc
 
-    def server(self, fed: Path, sites: list[str], *extra: str, name: str = "server"):
-        """Start ``autosam-server`` with TLS and one ``--site-key`` per site."""
+    def server(self, fed: Path, sites: list[str], *extra: str, name: str = "server", env: dict | None = None):
+        """Start ``autosam-server`` with TLS and one ``--site-key`` per site (``env``: extra variables)."""
         keys = [a for s in sites for a in ("--site-key", f"{s}={self.certs / (s + '.pub')}")]
         return self._start(name, ["-m", "server.cli", str(fed), "--port", str(self.port), "--certs", str(self.certs),
-                                  *keys, *extra])
+                                  *keys, *extra], env)
 
     def client(self, site: str, site_yaml: Path, *extra: str, name: str | None = None, key: str | None = None,
-               tls: bool = True):
-        """Start ``autosam-client`` for ``site`` (its own key unless ``key``)."""
+               tls: bool = True, env: dict | None = None):
+        """Start ``autosam-client`` for ``site`` (its own key unless ``key``; ``env``: extra variables, e.g.
+        :func:`tests.fault_injection.simulation_env` for a slow or failing site)."""
         auth = ["--root-certificates", str(self.certs / "ca.crt"), "--auth-key", str(self.certs / (key or site))] \
             if tls else ["--insecure"]
         return self._start(name or site, ["-m", "client.cli", "--site", str(site_yaml), "--superlink",
-                                          f"127.0.0.1:{self.port}", *auth, *extra])
+                                          f"127.0.0.1:{self.port}", *auth, *extra], env)
 
     def text(self, name: str) -> str:
         """Everything process ``name`` wrote so far."""

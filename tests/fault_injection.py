@@ -18,8 +18,16 @@ global state is loaded), so it takes the product's own error path: the server se
 ``[site <id>] round <r>: InjectedFault: injected fault ...``, and with the reply audit on only the
 type leaves the site.
 
-Spec: ``"SITE@ROUND[,SITE@ROUND...]"``; SITE may be ``*`` (every site). ROUND is the global round
-(the one a resumed federation keeps counting).
+Spec: ``"SITE@ROUND[:ACTION][,SITE@ROUND[:ACTION]...]"``; SITE may be ``*`` (every site). ROUND is the
+global round (the one a resumed federation keeps counting). ACTION (default: fail):
+
+- ``sleep=SECONDS``: the site is slow: it sleeps that long, then trains normally (a round long enough
+  for a test to kill the site or the coordinator in it);
+- ``wait=PATH``: the site waits until the file PATH exists (at most 600 s), then trains normally (a
+  round that lasts until the test says so, e.g. until a restarted site has rejoined).
+
+Slow actions also work in a deployment: put :func:`simulation_env` into the environment of an
+``autosam-client`` process, whose site worker runs :mod:`client.app` in that process.
 
 This module is loaded into every process of a faulty simulation (also the SuperLink's): it imports
 only the standard library at import time.
@@ -46,21 +54,43 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by a test's fault spec."""
 
 
+def actions(spec: str, site_id: str, server_round: int) -> list[tuple[str, str]]:
+    """The actions of ``spec`` for ``site_id`` in ``server_round``, in spec order: ``("fail", "")``,
+    ``("sleep", seconds)`` or ``("wait", path)``."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        site, _, rest = item.partition("@")
+        rnd, _, action = rest.partition(":")
+        if site.strip() in ("*", site_id) and rnd.strip().isdigit() and int(rnd) == server_round:
+            kind, _, arg = action.strip().partition("=")
+            out.append((kind.strip() or "fail", arg.strip()))
+    return out
+
+
 def should_fail(spec: str, site_id: str, server_round: int) -> bool:
     """Whether ``spec`` (``SITE@ROUND,...``) makes ``site_id`` fail in ``server_round``."""
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        site, _, rnd = item.partition("@")
-        if site.strip() in ("*", site_id) and rnd.strip().isdigit() and int(rnd) == server_round:
-            return True
-    return False
+    return any(kind == "fail" for kind, _ in actions(spec, site_id, server_round))
+
+
+def _slow_down(kind: str, arg: str) -> None:
+    import time
+
+    if kind == "sleep":
+        time.sleep(float(arg))
+    elif kind == "wait":
+        deadline = time.monotonic() + 600
+        while not Path(arg).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    elif kind != "fail":
+        raise ValueError(f"{SPEC_ENV}: unknown action {kind!r} (fail, sleep=SECONDS, wait=PATH)")
 
 
 def patched(app_module, spec: str) -> dict:
     """Replacements for ``train`` and ``get_site_runtime`` of ``app_module`` (:mod:`client.app`).
 
     ``train`` notes the instruction's round; ``get_site_runtime``, called by the real ``train``
-    inside its error handling, raises :class:`InjectedFault` when the site and round match (never
-    during ``evaluate``).
+    inside its error handling, raises :class:`InjectedFault` (or sleeps/waits, for a slow site) when
+    the site and round match (never during ``evaluate``).
     """
     from autosam_fl import protocol as P
 
@@ -80,8 +110,10 @@ def patched(app_module, spec: str) -> dict:
     def get_site_runtime(context, config):
         rt = real_runtime(context, config)
         rnd = _TRAIN_ROUND.get()
-        if rnd is not None and should_fail(spec, rt.site.site_id, rnd):
-            raise InjectedFault(f"injected fault ({SPEC_ENV}={spec}) at site {rt.site.site_id} in round {rnd}")
+        for kind, arg in actions(spec, rt.site.site_id, rnd) if rnd is not None else ():
+            _slow_down(kind, arg)
+            if kind == "fail":
+                raise InjectedFault(f"injected fault ({SPEC_ENV}={spec}) at site {rt.site.site_id} in round {rnd}")
         return rt
 
     return {"train": train, "get_site_runtime": get_site_runtime}

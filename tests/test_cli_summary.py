@@ -33,3 +33,25 @@ def test_flower_processes_find_their_siblings_without_an_activated_venv(tmp_path
     first = env["PATH"].split(os.pathsep)[0]
     assert first == str(Path(sys.executable).parent)
     assert (Path(first) / "flower-superexec").exists()
+
+
+def test_flwr_cli_calls_that_do_not_answer_are_errors_not_tracebacks(tmp_path, monkeypatch):
+    """On a loaded machine ``flwr ls`` / ``flwr supernode register`` can exceed their timeout: the launchers get
+    ('unknown', why) and a FlowerProcessError naming the site, not an uncaught TimeoutExpired."""
+    import subprocess
+
+    import pytest
+
+    from autosam_fl import processes
+    from server import cli
+
+    def slow(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+
+    monkeypatch.setattr(subprocess, "run", slow)
+    status, details = processes.run_status("autosam", 7, {})
+    assert status == "unknown" and "did not answer within 180 s" in details and "--run-id 7" in details
+    key = tmp_path / "site_a.pub"
+    key.write_text("x")
+    with pytest.raises(processes.FlowerProcessError, match="registering site site_a .* did not answer"):
+        cli.register_sites({"site_a": key}, {})
