@@ -232,10 +232,11 @@ class FrozenSam(nn.Module):
         ``multimask_output=False`` (mask token 0), ``image_pe = prompt_encoder.get_dense_pe()``.
         segment_anything's ``MaskDecoder.predict_masks`` repeats the image embeddings once per prompt
         (``repeat_interleave``: B images with B prompts would become B*B pairs), so this runs the
-        same computation with image i paired with prompt i only, in one call: the decoder's two-way
-        transformer, output upscaling and hypernetwork MLP are applied exactly as in SAM (Kirillov
-        et al. 2023, section 3 and appendix A), outputs are batch-invariant and no gradient flows
-        between samples. Runs under autocast in :attr:`precision`; the output is float32.
+        same computation with image i paired with prompt i only, in one call
+        (:func:`autosam_core.batched_decoder.decode_batched`: the decoder's two-way transformer,
+        output upscaling and hypernetwork MLP as in SAM, Kirillov et al. 2023, section 3 and
+        appendix A, with fused attention and layer-norm kernels); outputs are batch-invariant and no
+        gradient flows between samples. Runs under autocast in :attr:`precision`; the output is float32.
 
         Args:
             image_embeddings: (B, 256, 64, 64) float (an inference tensor or the float16 cache is fine).
@@ -268,30 +269,20 @@ class FrozenSam(nn.Module):
         device = self.device
         if b == 0:
             return torch.zeros((0, 1, *self.spec.low_res_size), device=device)
+        from .batched_decoder import decode_batched, is_sam_mask_decoder
+
         dec = self.mask_decoder
-        if not all(hasattr(dec, a) for a in ("iou_token", "mask_tokens", "transformer", "output_upscaling",
-                                             "output_hypernetworks_mlps")):
+        if not is_sam_mask_decoder(dec):
             if sparse_prompt_embeddings is not None:
                 raise ValueError(f"{type(dec).__name__} is not a segment_anything MaskDecoder: sparse prompts "
                                  "need its internals")
             return self.decode_per_sample(image_embeddings, dense_prompt_embeddings)  # any SAM-like decoder
-        dense = dense_prompt_embeddings.to(device)
-        # A plain (non-inference) copy: autograd may save it for the backward pass.
-        src = image_embeddings.to(device=device, dtype=torch.float32).clone() + dense
+        # float32 sum image_embeddings + dense_prompt_embeddings (SAM's src): a new plain tensor even when the
+        # embeddings are an inference tensor
+        src = image_embeddings.to(device=device, dtype=torch.float32) + dense_prompt_embeddings.to(device)
         with autocast(device, self.precision):
-            output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-            tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
-            if sparse_prompt_embeddings is not None:
-                tokens = torch.cat([tokens, sparse_prompt_embeddings.to(device, tokens.dtype)], dim=1)
-            image_pe = self.prompt_encoder.get_dense_pe().to(device)
-            pos_src = image_pe.expand(b, -1, -1, -1)
-            hs, src = dec.transformer(src, pos_src, tokens)
-            mask_token_0 = hs[:, 1, :]  # token 0 of the mask tokens: the single-mask output
-            h, w = self.spec.embedding_size
-            upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-            hyper = dec.output_hypernetworks_mlps[0](mask_token_0)  # (B, C')
-            bu, cu, hu, wu = upscaled.shape
-            low_res_logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+            low_res_logits = decode_batched(dec, src, self.prompt_encoder.get_dense_pe().to(device),
+                                            sparse_prompt_embeddings)
         return low_res_logits.float()
 
     def decode_per_sample(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor) -> torch.Tensor:

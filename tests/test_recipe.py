@@ -27,6 +27,20 @@ def test_batched_decoder_equals_segment_anything_loop(tiny_sam):
     assert (batched - loop).abs().max().item() < 1e-5
 
 
+def test_batched_decoder_gradient_equals_segment_anything_loop(tiny_sam):
+    # the fused attention / channels_last layer norm path must also give SAM's gradient w.r.t. the dense prompt
+    torch.manual_seed(3)
+    emb = tiny_sam.encode(torch.randn(2, 3, 256, 256))
+    weight = torch.randn(2, 1, 256, 256)
+    grads = []
+    for fn in (tiny_sam.decode, tiny_sam.decode_per_sample):
+        dense = (torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(4)) * 0.3).requires_grad_()
+        (fn(emb, dense) * weight).sum().backward()
+        grads.append(dense.grad)
+    assert grads[0].abs().max().item() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_decoder_with_box_tokens_matches_sams_prompt_path(tiny_sam):
     torch.manual_seed(2)
     emb = tiny_sam.encode(torch.randn(1, 3, 256, 256))
