@@ -1,6 +1,7 @@
 """Wall time and memory of a real deployment on 127.0.0.1 (issue 12 item 5).
 
     .venv/bin/python benchmarks/deployment_load.py [--sites 6] [--rounds 3] [--images 4] [--workdir DIR]
+    .venv/bin/python benchmarks/deployment_load.py --federation sites/polyp/demo.yaml   # the demo, deployed
 
 Starts one ``autosam-server`` (SuperLink with TLS and SuperNode authentication, one registered key per
 site) and ``--sites`` ``autosam-client`` processes (one SuperNode each) of the tiny SAM federation the
@@ -13,6 +14,9 @@ every 0.5 s, from ``/proc``, the resident set size (VmRSS) of
 - each site's tree: ``autosam-client`` (which holds the site worker: SAM, g, data) and its descendants
   (guard, SuperNode, SuperExec, the per-message ClientApp).
 
+With ``--federation YAML`` the real federation is deployed instead (its ``sites:`` YAMLs are the sites,
+their ``site_id`` the keys; the run folder is ``<workdir>/run``): compare its ``total_wall_seconds`` with
+``autosam simulate YAML`` run just before or after on the same machine.
 A tree's RSS is the sum over its processes (shared pages counted once per process, so an upper bound).
 Prints JSON with stable keys: ``round_wall_seconds`` (list, from summary.json: rounds 1..N),
 ``total_wall_seconds`` (server start to server exit), ``superlink_peak_rss_mb``,
@@ -115,23 +119,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4, help="training images per site")
     ap.add_argument("--workdir", default=None, help="folder for data, certs, logs and the run (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    ap.add_argument("--federation", default=None,
+                    help="deploy this federation YAML and its sites instead of the tiny synthetic one")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="autosam-deployment-load-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sites = [f"site_{i}" for i in range(args.sites)]
-    fed = make_federation(work, sites={s: args.images for s in sites}, rounds=args.rounds, min_sites=args.sites,
-                          round_timeout=max(600.0, args.timeout / max(args.rounds, 1)))
+    extra: list[str] = []
+    if args.federation:
+        import yaml
+
+        fed = Path(args.federation).resolve()
+        raw = yaml.safe_load(fed.read_text())
+        site_yamls = {}
+        for rel in raw.get("sites") or []:
+            path = (fed.parent / rel).resolve()
+            site_yamls[yaml.safe_load(path.read_text())["site_id"]] = path
+        sites = list(site_yamls)
+        args.rounds, args.images = int(raw.get("rounds", 0)), None
+        extra = ["--run-dir", str(work / "run")]
+        summary_path = work / "run" / "summary.json"
+    else:
+        sites = [f"site_{i}" for i in range(args.sites)]
+        fed = make_federation(work, sites={s: args.images for s in sites}, rounds=args.rounds, min_sites=args.sites,
+                              round_timeout=max(600.0, args.timeout / max(args.rounds, 1)))
+        site_yamls = {s: work / "sites" / f"{s}.yaml" for s in sites}
+        summary_path = work / "runs" / "fedtest" / "summary.json"
     status, rc = "failed", None
     with Deployment(work, sites) as d:
         t0 = time.time()
-        server = d.server(fed, sites, "--timeout", str(args.timeout))
+        server = d.server(fed, sites, "--timeout", str(args.timeout), *extra)
         sampler = Sampler(server.pid, {})
         sampler.start()
         try:
             d.wait_for("server", "registered sites", 600)
             for s in sites:
-                sampler.clients[s] = d.client(s, work / "sites" / f"{s}.yaml").pid
+                sampler.clients[s] = d.client(s, site_yamls[s]).pid
             rc = server.wait(timeout=args.timeout + 120)
         finally:
             total = time.time() - t0
@@ -141,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                 d.procs[s].wait(timeout=60)
             except Exception:  # noqa: BLE001 - stopped by the tracker below
                 pass
-    summary_path = work / "runs" / "fedtest" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     status = summary.get("status", "no summary")
     rounds = [r for r in summary.get("rounds", []) if r.get("round", 0) > 0]
@@ -151,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "superlink_peak_rss_mb": round(sampler.superlink, 1),
         "server_tree_peak_rss_mb": round(sampler.server, 1),
         "client_tree_peak_rss_mb": round(max(sampler.per_site.values(), default=0.0), 1),
-        "sites": args.sites,
+        "sites": len(sites),
         "rounds": args.rounds,
         "client_tree_peak_rss_mb_per_site": {s: round(v, 1) for s, v in sampler.per_site.items()},
         "images_per_site": args.images,
