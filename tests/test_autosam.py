@@ -67,6 +67,20 @@ def test_trainable_state_holds_only_g_and_h(model):
     assert nbt and all(v.dtype == torch.int64 for v in nbt)
 
 
+def test_channels_last_g_gives_the_same_prompt_and_exports_contiguous_state(tiny_sam):
+    torch.manual_seed(5)
+    m = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head"), sam=tiny_sam).eval()
+    emb = torch.randn(2, 256, 64, 64) * 0.1
+    ref = m.dense_prompt(emb, None)
+    m.set_channels_last(True)
+    conv = next(p for p in m.prompt_generator.parameters() if p.ndim == 4)
+    assert m.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert torch.allclose(m.dense_prompt(emb, None), ref, atol=1e-5)
+    state = m.trainable_state()
+    assert all(v.is_contiguous() for v in state.values())
+    m.set_channels_last(False)
+    assert conv.is_contiguous() and not m.channels_last
+
 def test_load_trainable_state_names_mismatch(model, tiny_sam):
     other = build_autosam(SamConfig(kind="tiny"), ModelConfig(backbone="hardnet85", g_input_size=64), sam=tiny_sam)
     with pytest.raises(StateMismatchError) as err:

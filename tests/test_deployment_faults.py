@@ -137,6 +137,64 @@ def test_site_killed_in_round_2_is_named_then_rejoins(tmp_path):
     print(f"\nwall {wall:.0f} s; site_c rejoined {rejoin_s:.0f} s after the kill; round 2 failure: {why}")
 
 
+def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
+    from autosam_core.checkpoint import load_checkpoint
+    from server.outputs import state_digest
+
+    sites = ["site_a", "site_b"]
+    fed = make_federation(tmp_path, sites={s: 2 for s in sites}, rounds=3, min_sites=2, round_timeout=240)
+    run_dir = tmp_path / "runs" / "fedtest"
+    # Round 3 of the first coordinator is slow at the sites, so the kill lands after round 2's checkpoint and
+    # before round 3's. The sites give up 15 s after their SuperLink went away (--max-wait-time) and exit 4.
+    slow = simulation_env("*@3:sleep=90")
+    t0 = time.time()
+    with Deployment(tmp_path, sites) as d:
+        server = d.server(fed, sites, "--timeout", "900")
+        d.wait_for("server", "registered sites", START)
+        for s in sites:
+            d.client(s, tmp_path / "sites" / f"{s}.yaml", "--max-wait-time", "15", env=slow)
+        d.wait_for("server", "round 2/3", 2 * START)
+        for s in sites:
+            d.wait_for(s, "round 3/3: training ...", START)
+        tree = _kill_tree(server)
+        assert not _wait_gone(tree | descendants(server.pid), 30), d.all_text()  # the guard stops the SuperLink
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        history = json.loads((run_dir / "history.json").read_text())
+        assert ckpt["metadata"]["server_round"] == 2 and [h["round"] for h in history] == [0, 1, 2]
+        digest = state_digest(ckpt["trainable_state"])
+        assert digest == ckpt["metadata"]["state_sha256"]
+        # The sites notice that their coordinator is gone: the connection ended before the run finished (exit 4).
+        for s in sites:
+            assert d.procs[s].wait(timeout=START) == 4, d.text(s)
+            assert "ended before the run finished" in d.text(s), d.text(s)
+
+        raw = yaml.safe_load(fed.read_text())
+        raw["resume"] = True
+        write_yaml(fed, raw)
+        resumed = d.server(fed, sites, "--timeout", "900", name="server-resumed")
+        d.wait_for("server-resumed", "registered sites", START)
+        for s in sites:
+            d.client(s, tmp_path / "sites" / f"{s}.yaml", name=f"{s}-restarted")
+        rc = resumed.wait(timeout=2 * START)
+        assert rc == 0, d.all_text()
+        summary = _summary(tmp_path)
+        restarted = [d.procs[f"{s}-restarted"].wait(timeout=120) for s in sites]
+        wall = time.time() - t0
+    assert restarted == [0, 0], d.all_text()
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    assert summary["resumed_from"]["round"] == 2
+    # Round 3 starts from the round-2 checkpoint's exact weights.
+    assert summary["resumed_from"]["state_sha256"] == digest
+    assert summary["initial_state_sha256"] == digest
+    # The metric history continues: rounds 0-2 as they were (round 0: the initial model), 3 appended.
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3]
+    assert summary["rounds"][:3] == history
+    assert all(set(r["sites"]) == set(sites) and not r["failed_sites"] for r in summary["rounds"][1:])
+    final = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert final["metadata"]["server_round"] == 3 and state_digest(final["trainable_state"]) != digest
+    print(f"\nwall {wall:.0f} s")
+
+
 def test_site_with_other_sam_weights_is_refused(tmp_path):
     import torch
 

@@ -248,6 +248,8 @@ class DPSiteTrainer(SiteTrainer):
         (:class:`PrivacyWarning`) on a clamped sample rate and on delta >= 1/N.
     """
 
+    CHANNELS_LAST = False  # Opacus' per-sample gradient hooks run on g in its default layout
+
     def __init__(self, model: AutoSam, site: SiteConfig, state_dir: str | Path, cache_dir: Path | None = None,
                  base_dir: Path | None = None, progress: bool = True, planned_rounds: int | None = None):
         if site.privacy is None:
