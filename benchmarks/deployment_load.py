@@ -93,10 +93,10 @@ class Sampler(threading.Thread):
         self.superlink = self.server = 0.0
         self.per_site: dict[str, float] = {}
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             children = children_map()
             total, pids = tree_rss_mb(self.server_pid, children)
             self.server = max(self.server, total)
@@ -105,10 +105,10 @@ class Sampler(threading.Thread):
             for site, pid in list(self.clients.items()):
                 self.per_site[site] = max(self.per_site.get(site, 0.0), tree_rss_mb(pid, children)[0])
             self.samples += 1
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 

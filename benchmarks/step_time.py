@@ -60,9 +60,7 @@ def time_steps(model, loader, steps: int) -> list[float]:
         t0 = time.perf_counter()
         emb = (batch["image_embeddings"].to(sam.device) if "image_embeddings" in batch
                else sam.encode(batch["sam_input"]))
-        g_in = batch.get("g_input")
-        if g_in is not None and getattr(model, "channels_last", False):
-            g_in = g_in.contiguous(memory_format=torch.channels_last)
+        g_in = batch.get("g_input")  # AutoSam.dense_prompt puts g's inputs in g's memory format
         with autocast(sam.device, sam.precision):
             dense = model.dense_prompt(emb, g_in)
         loss, _ = masked_loss_and_dice(sam.decode(emb, dense), batch["target"], batch["valid"])
@@ -130,12 +128,10 @@ def main() -> None:
     if halves:
         out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
     # channels_last g (weights and inputs in NHWC), same cached step in the last precision timed
-    model.prompt_generator.to(memory_format=torch.channels_last)
-    model.channels_last = True
+    model.set_channels_last(True)
     out[f"{(halves or ['fp32'])[-1]}_channels_last_seconds_per_step"] = statistics.median(
         time_steps(model, loader, args.steps))
-    model.prompt_generator.to(memory_format=torch.contiguous_format)
-    model.channels_last = False
+    model.set_channels_last(False)
     sam.set_precision((halves or ["fp32"])[-1])
     loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
                          shuffle=False)
