@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4, help="training images per site")
     ap.add_argument("--workdir", default=None, help="folder for data, certs, logs and the run (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    ap.add_argument("--site-threads", type=int, default=None,
+                    help="pass --threads N to every autosam-client (several sites sharing this machine's cores)")
     ap.add_argument("--federation", default=None,
                     help="deploy this federation YAML and its sites instead of the tiny synthetic one")
     args = ap.parse_args(argv)
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             d.wait_for("server", "registered sites", 600)
             for s in sites:
-                sampler.clients[s] = d.client(s, site_yamls[s]).pid
+                threads = ["--threads", str(args.site_threads)] if args.site_threads else []
+                sampler.clients[s] = d.client(s, site_yamls[s], *threads).pid
             rc = server.wait(timeout=args.timeout + 120)
         finally:
             total = time.time() - t0
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_tree_peak_rss_mb": round(sampler.server, 1),
         "client_tree_peak_rss_mb": round(max(sampler.per_site.values(), default=0.0), 1),
         "sites": len(sites),
+        "site_threads": args.site_threads,
         "rounds": args.rounds,
         "client_tree_peak_rss_mb_per_site": {s: round(v, 1) for s, v in sampler.per_site.items()},
         "images_per_site": args.images,
