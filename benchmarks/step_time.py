@@ -7,8 +7,9 @@ Prints JSON with stable keys:
 - ``fp32_seconds_per_step``, ``bf16_seconds_per_step``, ``speedup_bf16``: one cached training step
   of g (``--preset``, default ``paper`` = HarDNet-85) + the frozen SAM decoder + loss + Adam, median
   over ``--steps`` after one warm-up step; on CUDA the half-precision row is bf16 where supported;
-- ``bf16_channels_last_seconds_per_step``: the bf16 cached step with g (weights and inputs) in
-  channels_last memory format;
+- ``fp32_channels_last_seconds_per_step``, ``bf16_channels_last_seconds_per_step``,
+  ``speedup_bf16_channels_last``: the same cached steps with g (weights and inputs) in channels_last
+  memory format, the layout site training uses (``SiteTrainer``);
 - ``uncached_seconds_per_step``: the same step re-encoding every batch (paper-exact path), in the
   faster precision;
 - ``encoder_seconds_per_image_fp32`` / ``_bf16``: the frozen image encoder (inference);
@@ -127,10 +128,16 @@ def main() -> None:
         out[f"{precision}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
     if halves:
         out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
-    # channels_last g (weights and inputs in NHWC), same cached step in the last precision timed
+    # channels_last g (weights and inputs in NHWC, as SiteTrainer trains it), the same cached step per precision
     model.set_channels_last(True)
-    out[f"{(halves or ['fp32'])[-1]}_channels_last_seconds_per_step"] = statistics.median(
-        time_steps(model, loader, args.steps))
+    for precision in ("fp32", *halves):
+        sam.set_precision(precision)
+        cache = EmbeddingCache(sam)
+        loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
+        out[f"{precision}_channels_last_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
+    if halves:
+        out[f"speedup_{half}_channels_last"] = (out["fp32_channels_last_seconds_per_step"]
+                                                / out[f"{half}_channels_last_seconds_per_step"])
     model.set_channels_last(False)
     sam.set_precision((halves or ["fp32"])[-1])
     loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
