@@ -37,6 +37,8 @@ REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
 NODE_RELEASE_SECONDS = 60
 
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
+#: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).
+GAVE_UP = "gave-up"
 
 
 @dataclass
@@ -129,6 +131,8 @@ def classify_supernode_line(line: str) -> str | None:
         return CONNECTED
     if "Sent successfully" in line:
         return SENT
+    if "Giving up reconnection after" in line:
+        return GAVE_UP
     return None
 
 

@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-client`` (see module docstring)."""
     import tomli_w
 
-    from autosam_fl.connect import ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, SENT, ConnectionMarker, \
-        marker_path, split_address
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, NODE_RELEASE_SECONDS, SENT,
+                                    ConnectionMarker, marker_path, split_address)
     from autosam_fl.guard import Guard
     from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port,
                                       unwind_on_sigterm)
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     refused = finished = waited = False
     refusal = None  # (run id, why) when this site refused the run (exit 2 after its error reply is sent)
     lost = None  # the SuperNode's exit code when the connection ended before the run finished
+    gave_up = False  # the SuperLink stayed unreachable for --max-wait-time during the run
     rc = 0
     try:
         if owner is not None:
@@ -308,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                           "coordinator's rounds (Ctrl-C stops this site)", flush=True)
                 elif what == ACTIVATION_FAILED:
                     activation_failed = True
+                elif what == GAVE_UP and connected and not finished and refusal is None and not args.serve:
+                    # Flower's SuperNode logs that it gives up, then retries forever: stop it and say why.
+                    gave_up = True
+                    print(f"[autosam] site {site.site_id}: the SuperLink at {args.superlink} has not answered for "
+                          f"{args.max_wait_time:.0f} s (--max-wait-time); stopping", flush=True)
+                    tracker.stop()
                 elif what == SENT and console.refused_runs and not args.serve and refusal is None and not finished:
                     refusal = next(iter(console.refused_runs.items()))
                     print(f"[autosam] site {site.site_id}: refused run {refusal[0]} (error reply sent); stopping",
@@ -369,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
               "(error reply); the site stopped. Fix its configuration and start it again.", file=sys.stderr)
         return EXIT_CONFIG
     if lost is not None:
+        why = (f"no answer for {args.max_wait_time:.0f} s, --max-wait-time" if gave_up
+               else f"Flower's SuperNode stopped, exit code {lost}")
         print(f"error: site {site.site_id}: the connection to the SuperLink at {args.superlink} ended before the run "
-              f"finished (Flower's SuperNode stopped, exit code {lost}): the coordinator stopped or was restarted, or "
+              f"finished ({why}): the coordinator stopped or was restarted, or "
               "the network failed. Start this site again with the same command once the coordinator runs (a resumed "
               "run continues from its last checkpoint).", file=sys.stderr)
     return rc

@@ -90,7 +90,7 @@ def test_guard_stops_groups_and_removes_folders_when_its_owner_dies(tmp_path):
 
 
 def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
-    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, NODE_RELEASE_SECONDS, ConnectionMarker,
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, NODE_RELEASE_SECONDS, ConnectionMarker,
                                     classify_supernode_line, marker_path)
 
     key = tmp_path / "site_a"
@@ -109,6 +109,8 @@ def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
     assert classify_supernode_line("[code: 2004] Failed to activate SuperNode.") == ACTIVATION_FAILED
     assert classify_supernode_line("INFO :      SuperNode ID: 123") == CONNECTED
     assert classify_supernode_line("INFO :      Received: train message") is None
+    # Flower 1.42's line when its retries ran past --max-wait-time (it then retries again, forever)
+    assert classify_supernode_line("WARNING :   Giving up reconnection after 15.00 seconds and 8 tries.") == GAVE_UP
 
 
 def test_probe_names_refused_and_bad_address(tmp_path):
