@@ -7,7 +7,8 @@ same decoder weights with the same arithmetic (Kirillov et al. 2023, section 3 a
 two-way transformer, final token-to-image attention, output upscaling, hypernetwork MLP of mask
 token 0) but image i meets prompt i only, attention through ``scaled_dot_product_attention``
 (softmax(q k^T / sqrt(d)) v, one kernel) and the upscaling in channels_last with a fused layer norm.
-Equal to the per-sample loop of SAM's own code within 1e-5 in float32 (tests/test_sam_decode.py).
+Equal to the per-sample loop of SAM's own code within 1e-5 in float32, gradients included
+(tests/test_recipe.py).
 """
 
 from __future__ import annotations

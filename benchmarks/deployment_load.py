@@ -129,16 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if args.federation:
-        import yaml
+        from autosam_core.config import FederationConfig, SiteConfig, load_yaml_config
 
         fed = Path(args.federation).resolve()
-        raw = yaml.safe_load(fed.read_text())
-        site_yamls = {}
-        for rel in raw.get("sites") or []:
-            path = (fed.parent / rel).resolve()
-            site_yamls[yaml.safe_load(path.read_text())["site_id"]] = path
+        cfg = load_yaml_config(fed, FederationConfig)
+        site_yamls = {load_yaml_config(fed.parent / rel, SiteConfig).site_id: (fed.parent / rel).resolve()
+                      for rel in cfg.sites}
         sites = list(site_yamls)
-        args.rounds, args.images = int(raw.get("rounds", 0)), None
+        args.rounds, args.images = cfg.rounds, None
         extra = ["--run-dir", str(work / "run")]
         summary_path = work / "run" / "summary.json"
     else:

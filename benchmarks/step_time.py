@@ -120,24 +120,18 @@ def main() -> None:
     pairs = resolve_pairs(DataRef(dataset="Kvasir-SEG", split="pranet_train", limit=n))
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
                  "preset": args.preset, "sam": args.sam, "fast_half_precision": fast_half}
-    for precision in ("fp32", *halves):
-        sam.set_precision(precision)
-        cache = EmbeddingCache(sam)
-        cache.ensure([p.image_path for p in pairs], load_image, progress=False)
-        loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
-        out[f"{precision}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
-    if halves:
-        out[f"speedup_{half}"] = out["fp32_seconds_per_step"] / out[f"{half}_seconds_per_step"]
-    # channels_last g (weights and inputs in NHWC, as SiteTrainer trains it), the same cached step per precision
-    model.set_channels_last(True)
-    for precision in ("fp32", *halves):
-        sam.set_precision(precision)
-        cache = EmbeddingCache(sam)
-        loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
-        out[f"{precision}_channels_last_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
-    if halves:
-        out[f"speedup_{half}_channels_last"] = (out["fp32_channels_last_seconds_per_step"]
-                                                / out[f"{half}_channels_last_seconds_per_step"])
+    # contiguous g, then channels_last g (weights and inputs in NHWC, as SiteTrainer trains it)
+    for layout in ("", "_channels_last"):
+        model.set_channels_last(bool(layout))
+        for precision in ("fp32", *halves):
+            sam.set_precision(precision)
+            cache = EmbeddingCache(sam)
+            cache.ensure([p.image_path for p in pairs], load_image, progress=False)  # filled once, then read
+            loader = make_loader(AutoSamDataset(model, pairs, "polyp", cache), args.batch_size, shuffle=False)
+            out[f"{precision}{layout}_seconds_per_step"] = statistics.median(time_steps(model, loader, args.steps))
+        if halves:
+            out[f"speedup_{half}{layout}"] = (out[f"fp32{layout}_seconds_per_step"]
+                                              / out[f"{half}{layout}_seconds_per_step"])
     model.set_channels_last(False)
     sam.set_precision((halves or ["fp32"])[-1])
     loader = make_loader(AutoSamDataset(model, pairs[: 2 * args.batch_size], "polyp", None), args.batch_size,
