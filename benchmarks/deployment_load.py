@@ -21,7 +21,8 @@ A tree's RSS is the sum over its processes (shared pages counted once per proces
 Prints JSON with stable keys: ``round_wall_seconds`` (list, from summary.json: rounds 1..N),
 ``total_wall_seconds`` (server start to server exit), ``superlink_peak_rss_mb``,
 ``server_tree_peak_rss_mb``, ``client_tree_peak_rss_mb`` (max over sites), ``sites``, ``rounds``;
-also ``client_tree_peak_rss_mb_per_site``, ``images_per_site``, ``status``, ``samples``.
+also ``client_tree_peak_rss_mb_per_site``, ``server_tree_peak_rss_mb_by_process`` (peak of each
+program in the coordinator's tree, separately), ``images_per_site``, ``status``, ``samples``.
 Every process started is stopped by PID at the end. The timings depend on the machine's load.
 """
 
@@ -63,6 +64,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def program_name(cmd: str) -> str:
+    """The program a command line runs: ``autosam-server``, ``flower-superlink``, ``python -m x``..."""
+    words = cmd.split()
+    if not words:
+        return "?"
+    if Path(words[0]).name.startswith("python") and len(words) > 1:
+        if words[1] == "-m" and len(words) > 2:
+            return f"python -m {words[2]}"
+        return Path(words[1]).name
+    return Path(words[0]).name
+
+
 def children_map() -> dict[int, list[int]]:
     """ppid -> live child PIDs, from one scan of /proc."""
     children: dict[int, list[int]] = {}
@@ -92,6 +105,7 @@ class Sampler(threading.Thread):
         self.server_pid, self.clients, self.every = server_pid, clients, every
         self.superlink = self.server = 0.0
         self.per_site: dict[str, float] = {}
+        self.server_by_process: dict[str, float] = {}  # peak RSS per program of the coordinator's tree
         self.samples = 0
         self._halt = threading.Event()
 
@@ -102,6 +116,9 @@ class Sampler(threading.Thread):
             self.server = max(self.server, total)
             link = sum(rss_mb(p) for p in pids if "flower-superlink" in cmdline(p))
             self.superlink = max(self.superlink, link)
+            for p in pids:
+                name = program_name(cmdline(p))
+                self.server_by_process[name] = max(self.server_by_process.get(name, 0.0), rss_mb(p))
             for site, pid in list(self.clients.items()):
                 self.per_site[site] = max(self.per_site.get(site, 0.0), tree_rss_mb(pid, children)[0])
             self.samples += 1
@@ -178,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "site_threads": args.site_threads,
         "rounds": args.rounds,
         "client_tree_peak_rss_mb_per_site": {s: round(v, 1) for s, v in sampler.per_site.items()},
+        "server_tree_peak_rss_mb_by_process": {k: round(v, 1) for k, v in
+                                               sorted(sampler.server_by_process.items(), key=lambda kv: -kv[1])},
         "images_per_site": args.images,
         "status": status,
         "server_exit_code": rc,

@@ -30,6 +30,7 @@ from autosam_core.trainable_state import MISSING, SHAPE, state_mismatches
 
 from autosam_fl import protocol as P
 from autosam_fl.preflight import load_federation
+from autosam_fl.reply_polling import ReplyPollingGrid
 
 from . import outputs
 from .strategy import MinSitesError, arrayrecord_nbytes, build_strategy, wire_record
@@ -283,7 +284,7 @@ class FederatedServer:
                  self.fed.model.backbone, self.fed.model.g_input_size, self.fed.sam.kind, len(arrays),
                  arrayrecord_nbytes(wire_record(arrays, self.fed.transfer_dtype)) / 1e6, self.fed.transfer_dtype)
         self._t_last = time.time()
-        self.strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, timeout=self.fed.round_timeout,
+        self.strategy.start(grid=ReplyPollingGrid(grid), initial_arrays=arrays, num_rounds=remaining, timeout=self.fed.round_timeout,
                             train_config=self._model_config(), evaluate_config=self._model_config(),
                             evaluate_fn=self._evaluate_fn)
 
