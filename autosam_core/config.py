@@ -14,7 +14,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .sam import SAM_KINDS
+#: The frozen SAM backbones ``sam.kind`` can name (built by :func:`autosam_core.sam.load_frozen_sam`).
+#: Defined here, not in :mod:`autosam_core.sam`, so reading a YAML never imports torch.
+SAM_KINDS = ("lite_medsam", "vit_b", "vit_l", "vit_h", "tiny")
+
 
 T = TypeVar("T", bound=BaseModel)
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SAM_KINDS
 from .files import file_sha256
 
 log = logging.getLogger(__name__)
 
-SAM_KINDS = ("lite_medsam", "vit_b", "vit_l", "vit_h", "tiny")
 # Patch-embedding width of each segment-anything ViT (Kirillov et al. 2023, build_sam.py).
 VIT_EMBED_DIMS = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
 

@@ -36,7 +36,7 @@ from autosam_core.config import ConfigError
 from autosam_fl.preflight import check_validation, load_federation
 from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
                         start_superlink, submit_run, unwind_on_sigterm, write_connection)
-from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
+from .outputs import LAST, resolve_cache_dir, resolve_run_dir
 
 CONNECTION = "autosam"
 
@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else resolve_run_dir(fed, fed_path)
         last = run_dir / "checkpoints" / LAST
         if fed.resume and last.is_file():
-            from autosam_core.model_factory import build_autosam
+            from autosam_core.model_factory import build_autosam  # torch: only to check a resume checkpoint
+
+            from .runner import check_resume_checkpoint
 
             model = build_autosam(fed.sam, fed.model, seed=fed.seed)  # DP g when the sites use DP
             check_resume_checkpoint(fed, last, model.trainable_state())

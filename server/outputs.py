@@ -15,11 +15,29 @@ from typing import Any
 
 import numpy as np
 
+from autosam_core.config import FederationConfig, yaml_relative
 from autosam_core.files import atomic_write_bytes, atomic_write_json
 
 
 #: Run outputs are meant to be shared: readable by all (the core's atomic writes default to owner-only).
 OUTPUT_MODE = 0o644
+
+
+#: Checkpoint file names in ``<run dir>/checkpoints``.
+LAST, BEST = "last.pt", "best.pt"
+
+
+def resolve_run_dir(fed: FederationConfig, fed_path: Path) -> Path:
+    """``<output_dir>/<name>``; a relative output_dir is relative to the federation YAML's folder, like
+    every other path in a YAML (``sites``, ``cache_dir``), so the run folder does not depend on where the
+    command was started."""
+    out = yaml_relative(fed.output_dir, Path(fed_path).parent)
+    return (out / fed.name).resolve()
+
+
+def resolve_cache_dir(fed: FederationConfig, fed_path: Path) -> Path | None:
+    """The federation's embedding cache (relative to the federation YAML), or None for the default."""
+    return yaml_relative(fed.cache_dir, fed_path.parent)
 
 
 def write_atomic(path: Path, data: bytes) -> Path:

@@ -33,12 +33,10 @@ from autosam_fl.preflight import load_federation
 from autosam_fl.reply_polling import ReplyPollingGrid
 
 from . import outputs
+from .outputs import BEST, LAST, resolve_cache_dir, resolve_run_dir
 from .strategy import MinSitesError, arrayrecord_nbytes, build_strategy, wire_record
 
 log = logging.getLogger("autosam.server")
-
-LAST, BEST = "last.pt", "best.pt"
-
 
 class CheckpointMismatchError(ConfigError):
     """The resume checkpoint does not fit this federation's model (other backbone or shapes)."""
@@ -60,19 +58,6 @@ def checkpoint_metadata(fed: FederationConfig, server_round: int, state: dict, v
             "sam": fed.sam.model_dump(), "model": fed.model.model_dump(),
             "federation": fed.name, "validation": validation, "best": best,
             "state_sha256": outputs.state_digest(state)}
-
-
-def resolve_run_dir(fed: FederationConfig, fed_path: Path) -> Path:
-    """``<output_dir>/<name>``; a relative output_dir is relative to the federation YAML's folder, like
-    every other path in a YAML (``sites``, ``cache_dir``), so the run folder does not depend on where the
-    command was started."""
-    out = yaml_relative(fed.output_dir, Path(fed_path).parent)
-    return (out / fed.name).resolve()
-
-
-def resolve_cache_dir(fed: FederationConfig, fed_path: Path) -> Path | None:
-    """The federation's embedding cache (relative to the federation YAML), or None for the default."""
-    return yaml_relative(fed.cache_dir, fed_path.parent)
 
 
 def check_resume_checkpoint(fed: FederationConfig, ckpt_path: Path, expected: dict) -> dict:
@@ -428,4 +413,4 @@ def parse_node_sites(text: str) -> dict[int, str]:
 
 
 __all__ = ["FederatedServer", "CheckpointMismatchError", "MinSitesError", "check_resume_checkpoint",
-           "model_hash", "parse_node_sites", "resolve_run_dir", "resolve_cache_dir"]
+           "model_hash", "parse_node_sites"]

@@ -38,7 +38,8 @@ from autosam_core.config import ConfigError
 from autosam_fl.preflight import available_cpus, check_client_resources, check_sites, check_validation, load_federation
 from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_env, free_port, run_status, start_superlink,
                         submit_run, write_connection)
-from .runner import LAST, check_resume_checkpoint, resolve_cache_dir, resolve_run_dir
+from .outputs import LAST, resolve_cache_dir, resolve_run_dir
+from .runner import check_resume_checkpoint
 
 CONNECTION = "autosam-sim"
 

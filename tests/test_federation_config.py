@@ -170,7 +170,7 @@ def test_resume_checkpoint_from_other_backbone_refused_before_any_site(tmp_path)
 def test_every_relative_yaml_path_is_relative_to_the_yaml(tmp_path, monkeypatch):
     """output_dir (like sites and cache_dir) resolves against the YAML's folder, not the current folder."""
     from autosam_core.config import TrainJobConfig, load_yaml_config, yaml_relative
-    from server.runner import resolve_cache_dir, resolve_run_dir
+    from server.outputs import resolve_cache_dir, resolve_run_dir
 
     fed_yaml = make_federation(tmp_path / "proj", sites={"a": 2, "b": 2}, name="rel")
     raw = yaml.safe_load(fed_yaml.read_text())
