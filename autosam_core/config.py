@@ -142,6 +142,9 @@ class TrainConfig(_Strict):
 
     schedule: ``constant`` (paper) or ``cosine`` (linear warm-up over ``warmup_fraction`` of the
     steps, then cosine decay); seed: g's initialisation, the validation hold-out, shuffling.
+    hflip: probability in [0, 1] that a training sample is served mirrored left-right, with the
+    cached image_embeddings of the mirrored image (each training image is encoded once more, 2 MiB
+    of cache each; needs ``use_cache``); 0 = off.
     """
 
     epochs: int = Field(10, ge=0)
@@ -150,12 +153,20 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     augmentation: Literal["none", "polyp", "glas", "monuseg"] = "polyp"
     use_cache: bool = True
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     surrogate_epochs: int = Field(0, ge=0)
     surrogate_batch_size: int = Field(24, ge=1)
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _hflip_needs_cache(self) -> "TrainConfig":
+        if self.hflip > 0 and not self.use_cache:
+            raise ValueError(f"hflip: {self.hflip} serves cached embeddings of mirrored images and needs "
+                             "use_cache: true (found use_cache: false)")
+        return self
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -217,7 +228,8 @@ class SiteConfig(_Strict):
     reply this site sends (as ``autosam-client --audit``; see :mod:`client.audit`). sam_checkpoint:
     the site's own SAM weights file for ViT kinds (relative to the YAML's folder; LiteMedSAM needs
     none): the coordinator sends only the SAM kind and its weights fingerprint, never a path, and a
-    site whose weights have another fingerprint refuses to train.
+    site whose weights have another fingerprint refuses to train. hflip: as in :class:`TrainConfig`
+    (mirrored samples from the site's embedding cache).
     """
 
     site_id: str
@@ -229,6 +241,7 @@ class SiteConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     augmentation: Literal["none", "polyp", "glas", "monuseg"] = "polyp"
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
     cache_dir: str | None = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     privacy: PrivacyConfig | None = None

@@ -295,7 +295,7 @@ class SiteTrainer:
         if site.cache_dir and base_dir is not None and not root.is_absolute():
             root = base_dir / root
         self.cache = EmbeddingCache(model.sam, root)
-        self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache)
+        self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache, hflip_p=site.hflip)
 
     @property
     def num_examples(self) -> int:
@@ -307,6 +307,9 @@ class SiteTrainer:
         in place since the last round is re-encoded: cache keys follow file bytes)."""
         self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
                           desc=f"{self.site.site_id}: SAM embeddings")
+        if self.site.hflip > 0:
+            self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
+                              desc=f"{self.site.site_id}: SAM embeddings, mirrored", hflip=True)
 
     def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
         """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`.

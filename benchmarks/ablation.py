@@ -57,6 +57,10 @@ VARIANTS["sam_head_tanh_dilated"] = ({"preset": "sam_head", "output": "tanh", "h
 VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3, "sam_head_tanh_lr1e-3": 1e-3}
 VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "output": "offset", "refine": "none"}, "constant")
 VARIANTS["sam_head_tanh_lr1e-3"] = ({"preset": "sam_head", "output": "tanh", "refine": "none"}, "constant")
+# Variants trained with geometric augmentation from the cache: probability of a mirrored sample (the
+# SAM embeddings of the mirrored training images are cached once more; same data, steps and seed).
+VARIANT_HFLIP = {"sam_head_tanh_hflip": 0.5}
+VARIANTS["sam_head_tanh_hflip"] = ({"preset": "sam_head", "output": "tanh", "refine": "none"}, "constant")
 # Box-refinement settings tried with --refine-sweep (validation only: they need no retraining):
 # name -> AutoSam attributes on top of refine "box_only".
 REFINE_SWEEP = {
@@ -92,9 +96,12 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
     cfg = ModelConfig(**cfg_keys)
     model = build_autosam(SamConfig(), cfg, sam=sam, seed=seed)
     cache = EmbeddingCache(sam)
+    hflip = VARIANT_HFLIP.get(name, 0.0)
+    if hflip > 0:
+        cache.ensure([q.image_path for q in train_pairs], load_image, desc="SAM embeddings, mirrored", hflip=True)
     torch.manual_seed(seed)
-    loader = make_loader(AutoSamDataset(model, train_pairs, "polyp", cache), args.batch_size, shuffle=True,
-                         seed=seed)
+    loader = make_loader(AutoSamDataset(model, train_pairs, "polyp", cache, seed=seed, hflip_p=hflip),
+                         args.batch_size, shuffle=True, seed=seed)
     lr = VARIANT_LR.get(name, args.lr)
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=lr, weight_decay=1e-5)
     sched = lr_schedule(opt, args.epochs * len(loader), schedule)
@@ -108,7 +115,7 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
             "train_loss": stats["loss"], "train_dice": stats["dice"],
             "bytes_per_round": sum(v.numel() * v.element_size() for v in state.values()),
             "train_images": len(train_pairs), "val_images": len(val_pairs), "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": lr, "precision": sam.precision}
+            "batch_size": args.batch_size, "lr": lr, "precision": sam.precision, "hflip": hflip}
     rows = []
     for refine in ("none", "box", "box_only"):
         model.refine = refine

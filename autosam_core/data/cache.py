@@ -42,6 +42,11 @@ def file_key(path: str | Path) -> str:
     return file_sha256(path)[:20]
 
 
+def mirror(array: np.ndarray) -> np.ndarray:
+    """``array`` (H, W[, C]) mirrored left-right (columns reversed), contiguous, same dtype."""
+    return np.ascontiguousarray(array[:, ::-1])
+
+
 class CacheEntryWarning(UserWarning):
     """A cached image_embeddings file was unreadable or of the wrong shape/dtype and is recomputed."""
 
@@ -81,9 +86,9 @@ class EmbeddingCache:
             self._keys[memo] = file_key(p)
         return self._keys[memo]
 
-    def path(self, image_path: str | Path) -> Path:
-        """Where the embeddings of ``image_path`` are (or will be) stored."""
-        return self.dir / f"{self.key(image_path)}.pt"
+    def path(self, image_path: str | Path, hflip: bool = False) -> Path:
+        """Where the embeddings of ``image_path`` (mirrored left-right first when ``hflip``) are stored."""
+        return self.dir / f"{self.key(image_path)}{'-hflip' if hflip else ''}.pt"
 
     def _problem(self, entry: object) -> str | None:
         """None if ``entry`` is a float16 tensor of :attr:`entry_shape`, else what it is."""
@@ -93,8 +98,9 @@ class EmbeddingCache:
             return f"{entry.dtype} of shape {tuple(entry.shape)}"
         return None
 
-    def get(self, image_path: str | Path) -> torch.Tensor:
-        """Cached image_embeddings float16 (256, 64, 64) of ``image_path``.
+    def get(self, image_path: str | Path, hflip: bool = False) -> torch.Tensor:
+        """Cached image_embeddings float16 (256, 64, 64) of ``image_path`` (of its left-right mirror
+        image when ``hflip``: the encoder's output for the flipped pixels, not a flipped tensor).
 
         An entry that cannot be read, or holds anything but a float16 (256, 64, 64) tensor, is
         deleted and recomputed with a :class:`CacheEntryWarning`.
@@ -102,9 +108,10 @@ class EmbeddingCache:
         Raises:
             KeyError: not cached yet (call :meth:`ensure` first).
         """
-        p = self.path(image_path)
+        p = self.path(image_path, hflip)
         if not p.is_file():
-            raise KeyError(f"no cached image_embeddings for {image_path} (expected {p}); run `autosam embed`")
+            raise KeyError(f"no cached image_embeddings for {image_path}{' (mirrored)' if hflip else ''} "
+                           f"(expected {p}); run `autosam embed`")
         try:
             entry = torch.load(p, map_location="cpu", weights_only=True)
             problem = self._problem(entry)
@@ -119,17 +126,20 @@ class EmbeddingCache:
             from .io import load_image
 
             self._load_image = load_image
-        self.ensure([image_path], self._load_image, progress=False)
+        self.ensure([image_path], self._load_image, progress=False, hflip=hflip)
         return torch.load(p, map_location="cpu", weights_only=True)
 
     def ensure(self, image_paths: Sequence[str | Path], load_image: Callable[[Path], np.ndarray],
-               batch_size: int = 4, desc: str = "SAM embeddings", progress: bool = True) -> dict[str, float]:
+               batch_size: int = 4, desc: str = "SAM embeddings", progress: bool = True,
+               hflip: bool = False) -> dict[str, float]:
         """Encode every image not yet cached.
 
         Args:
             image_paths: image files.
             load_image: path -> uint8 RGB (H, W, 3).
             batch_size: images per encoder call.
+            hflip: encode each image mirrored left-right (``image[:, ::-1]``) into its ``-hflip`` entry,
+                for geometric augmentation with a cache (:class:`~autosam_core.data.torch_dataset.AutoSamDataset`).
 
         Returns:
             {"cached": n already present, "computed": n encoded now, "seconds": wall time (s)}.
@@ -138,15 +148,16 @@ class EmbeddingCache:
             ValueError: the encoder returned something other than (B, 256, 64, 64) (nothing is stored).
         """
         t0 = time.perf_counter()
-        todo = [Path(p) for p in dict.fromkeys(map(str, image_paths)) if not self.path(p).is_file()]
+        todo = [Path(p) for p in dict.fromkeys(map(str, image_paths)) if not self.path(p, hflip).is_file()]
         cached = len(set(map(str, image_paths))) - len(todo)
         if todo:
             self.dir.mkdir(parents=True, exist_ok=True)
-            log.info("encoding %d images with frozen %s (%d already cached)", len(todo), self.sam.spec.kind, cached)
+            log.info("encoding %d %simages with frozen %s (%d already cached)", len(todo), "mirrored " if hflip else "",
+                     self.sam.spec.kind, cached)
         bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo, leave=False)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            x = torch.stack([self.sam.preprocess(load_image(p))[0] for p in chunk])
+            x = torch.stack([self.sam.preprocess(mirror(load_image(p)) if hflip else load_image(p))[0] for p in chunk])
             emb = self.sam.encode(x)
             self.sam.check_embeddings(emb, len(chunk), "EmbeddingCache.ensure")
             for p, e in zip(chunk, emb.to(torch.float16)):
@@ -154,7 +165,7 @@ class EmbeddingCache:
                 if problem is not None:  # never store a tensor of the wrong shape or dtype
                     raise ValueError(f"refusing to cache image_embeddings of {p}: {problem}, expected float16 "
                                      f"{self.entry_shape}")
-                atomic_torch_save(e.clone(), self.path(p))
+                atomic_torch_save(e.clone(), self.path(p, hflip))
             bar.update(len(chunk))
         bar.close()
         return {"cached": cached, "computed": len(todo), "seconds": time.perf_counter() - t0}

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import EmbeddingCache
+import numpy as np
+
+from .cache import EmbeddingCache, mirror
 from .dataset import Pair
 from .io import load_image, load_mask
 from .transforms import build_augmentation
@@ -30,20 +32,37 @@ class AutoSamDataset(Dataset):
     With a cache only photometric augmentation is applied (to g's input): the cached embeddings
     were computed from the unaugmented image, so the geometry must not change. Without a cache the
     full preset is applied to image and mask before both SAM and g see them. ``seed`` seeds the
-    augmentation's own random stream (see :meth:`reseed`).
+    augmentation's own random streams (see :meth:`reseed`).
+
+    ``hflip_p`` > 0 (needs a cache): geometric augmentation that the cache allows. Each access serves
+    the sample mirrored left-right with probability ``hflip_p``: the cached image_embeddings of the
+    mirrored image (``EmbeddingCache.ensure(..., hflip=True)`` fills them), the mirrored mask and,
+    when g reads images, the mirrored image.
+
+    Raises:
+        ValueError: ``hflip_p`` outside [0, 1], or > 0 without a cache.
     """
 
     def __init__(self, model: AutoSam, pairs: Sequence[Pair], augmentation: str = "none",
-                 cache: EmbeddingCache | None = None, seed: int = 0):
+                 cache: EmbeddingCache | None = None, seed: int = 0, hflip_p: float = 0.0):
+        if not 0.0 <= hflip_p <= 1.0:
+            raise ValueError(f"hflip_p must be in [0, 1], found {hflip_p!r}")
+        if hflip_p > 0 and cache is None:
+            raise ValueError("hflip_p > 0 serves cached embeddings of mirrored images: it needs a cache "
+                             "(without one, use an augmentation preset with flips)")
         self.model = model
         self.pairs = list(pairs)
         self.cache = cache
+        self.hflip_p = float(hflip_p)
         self.augment = build_augmentation(augmentation, photometric_only=cache is not None, seed=seed)
+        self._flips = np.random.default_rng(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the augmentation's own random stream (albumentations does not use torch's RNG)."""
+        """Restart the augmentation's own random streams (albumentations and the mirror draws do not
+        use torch's RNG)."""
         if self.augment is not None:
             self.augment.set_random_seed(int(seed))
+        self._flips = np.random.default_rng(int(seed))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -51,16 +70,21 @@ class AutoSamDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         mask = load_mask(pair.mask_path)
+        flip = self.hflip_p > 0 and bool(self._flips.random() < self.hflip_p)
+        if flip:
+            mask = mirror(mask)
         out: dict = {}
         if self.cache is not None and not self.model.reads_images:
             # g reads only the cached SAM embeddings: the image itself is never decoded.
-            out["image_embeddings"] = self.cache.get(pair.image_path)
+            out["image_embeddings"] = self.cache.get(pair.image_path, hflip=flip)
             target, (h, w) = self.model.low_res_target(mask)
             out.update(target=target, valid=torch.tensor([h, w]))
             return out
         image = load_image(pair.image_path)
+        if flip:
+            image = mirror(image)
         if self.cache is not None:
-            out["image_embeddings"] = self.cache.get(pair.image_path)
+            out["image_embeddings"] = self.cache.get(pair.image_path, hflip=flip)
             if self.augment is not None:
                 image = self.augment(image=image)["image"]
         else:
