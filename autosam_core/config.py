@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -354,3 +355,19 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 def config_hash(cfg: BaseModel) -> str:
     """Stable 12-hex-digit sha256 of a config's JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def require_uniform_privacy(sites: Mapping[str, SiteConfig] | Sequence[SiteConfig]) -> bool:
+    """True if every site trains with DP, False if none does (a config check: needs no torch).
+
+    Raises:
+        ConfigError: some sites have ``privacy`` and others not (names both groups): their g differ
+        (GroupNorm vs BatchNorm), so their states cannot be averaged.
+    """
+    items = list(sites.values()) if isinstance(sites, Mapping) else list(sites)
+    dp = [s.site_id for s in items if s.privacy is not None]
+    plain = [s.site_id for s in items if s.privacy is None]
+    if dp and plain:
+        raise ConfigError(f"a federation runs DP on all sites or none: sites {dp} set 'privacy' but {plain} do not "
+                          "(DP replaces g's BatchNorm by GroupNorm, so the models differ)")
+    return bool(dp)

@@ -54,7 +54,7 @@ def federation_uses_dp(fed: FederationConfig, fed_path: Path) -> bool:
     Raises:
         ConfigError: some sites use DP and others not.
     """
-    from autosam_core.privacy.compat import require_uniform_privacy
+    from autosam_core.config import require_uniform_privacy  # no torch: the coordinator stays light
 
     sites = []
     for y in site_yaml_paths(fed, fed_path):
@@ -136,7 +136,7 @@ def check_sites(fed: FederationConfig, fed_path: Path) -> list[SiteSummary]:
             raise ConfigError(f"{p}: key 'val_fraction': holding out {site.val_fraction} of {len(pairs)} pairs "
                               "leaves no training sample; lower val_fraction or add data")
         out.append(SiteSummary(p, site, len(train), len(val), _pair_keys(train)))
-    from autosam_core.privacy import require_uniform_privacy
+    from autosam_core.config import require_uniform_privacy
 
     try:
         require_uniform_privacy([s.config for s in out])

@@ -220,8 +220,7 @@ def flower_env(flwr_home: Path, extra: dict | None = None) -> dict:
     Also pins ``AUTOSAM_DATA`` and ``AUTOSAM_CACHE`` to this process's data root and cache, because
     Flower runs the app from a copy in FLWR_HOME where the repo-relative defaults would differ.
     """
-    from autosam_core.data.cache import default_cache_dir
-    from autosam_core.data.dataset import data_root
+    from autosam_core.data.dataset import data_root, default_cache_dir  # torch-free
 
     env = dict(os.environ)
     # Flower's processes start each other by name (flower-superlink -> flower-superexec, flwr-serverapp,

@@ -49,3 +49,20 @@ def test_adapters_do_not_import_each_other_and_core_imports_neither():
         for path, tops in _imported_top_levels(ROOT / package).items():
             offenders += [f"{path} imports {t}" for t in sorted(tops & forbidden)]
     assert offenders == []
+
+
+def test_the_coordinator_cli_checks_a_federation_without_torch():
+    """autosam-server holds no model: importing it, checking the demo federation's YAMLs (sites, DP
+    uniformity, validation data) and building the Flower processes' environment must not import
+    torch (it costs ~550 MB of RSS)."""
+    code = (
+        "import sys\n"
+        "import server.cli as c\n"
+        "fed, path = c.load_federation('sites/polyp/demo.yaml')\n"
+        "c.check_validation(fed, path)\n"
+        "import tempfile, pathlib\n"
+        "c.flower_env(pathlib.Path(tempfile.mkdtemp()))\n"
+        "print(len(fed.sites), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "False"]

@@ -27,14 +27,9 @@ from tqdm import tqdm
 from ..checkpoint import atomic_torch_save
 from ..files import file_sha256
 from ..sam import FrozenSam
+from .dataset import default_cache_dir  # noqa: F401  (torch-free, so the coordinator can use it; re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$AUTOSAM_CACHE`` or ``<repo>/.cache/embeddings``."""
-    env = os.environ.get("AUTOSAM_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "embeddings"
 
 
 def file_key(path: str | Path) -> str:

@@ -77,6 +77,14 @@ def data_root() -> Path:
     return repo_root.parent / "shared" / "data"
 
 
+def default_cache_dir() -> Path:
+    """The embedding cache root: ``$AUTOSAM_CACHE`` or ``<repo>/.cache/embeddings`` (not created here).
+    Lives beside :func:`data_root` because it imports no torch (the coordinator and the process
+    launcher need it)."""
+    env = os.environ.get("AUTOSAM_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "embeddings"
+
+
 def list_splits(dataset_dir: str | os.PathLike) -> list[str]:
     """Names of the split files in ``<dataset_dir>/splits`` (``*.txt`` without the suffix), sorted.
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..autosam import AutoSam
-from ..config import ConfigError, SiteConfig
+from ..config import require_uniform_privacy  # noqa: F401  (a config check; re-exported here)
 from .errors import DPCompatibilityError, warn_privacy as _warn
 
 __all__ = ["MAX_GROUPS", "groupnorm_groups", "dp_incompatibilities", "make_private_compatible",
@@ -205,19 +204,3 @@ def make_autosam_private_compatible(model: AutoSam, max_groups: int = MAX_GROUPS
     """
     model.prompt_generator = make_private_compatible(model.prompt_generator, max_groups)
     return model
-
-
-def require_uniform_privacy(sites: Mapping[str, SiteConfig] | Sequence[SiteConfig]) -> bool:
-    """True if every site trains with DP, False if none does.
-
-    Raises:
-        ConfigError: some sites have ``privacy`` and others not (names both groups): their g differ
-        (GroupNorm vs BatchNorm), so their states cannot be averaged.
-    """
-    items = list(sites.values()) if isinstance(sites, Mapping) else list(sites)
-    dp = [s.site_id for s in items if s.privacy is not None]
-    plain = [s.site_id for s in items if s.privacy is None]
-    if dp and plain:
-        raise ConfigError(f"a federation runs DP on all sites or none: sites {dp} set 'privacy' but {plain} do not "
-                          "(DP replaces g's BatchNorm by GroupNorm, so the models differ)")
-    return bool(dp)

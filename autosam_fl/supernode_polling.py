@@ -1,0 +1,90 @@
+"""Run Flower's ``flower-supernode`` with a short idle poll instead of a fixed 3 s sleep (issue 12).
+
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal.start_client_internal``) asks
+the SuperLink for a message and, when none is waiting, sleeps a hard-coded 3 s before asking again;
+no flag or environment variable changes it. A deployed round sends each site two messages (train,
+then evaluate), so each waits 1.5 s on average, up to 3 s, before the site even sees it; the
+simulation hands messages over in memory. While a reply is being computed the same loop checks for
+it every 0.5 s.
+
+``python -m autosam_fl.supernode_polling /path/to/flower-supernode ARGS...`` runs that installed
+``flower-supernode`` script unchanged (same arguments, same process tree: it still starts
+``flower-superexec`` and one ``flwr-clientapp`` per message) after giving the module
+``start_client_internal`` a ``time`` whose ``sleep`` waits at most :data:`POLL_SECONDS`; every
+other attribute is the real :mod:`time`. Cost: one small pull call every 0.25 s per idle site
+instead of every 3 s. When Flower's module no longer looks as expected (another version), nothing
+is patched and a warning says so: the SuperNode then runs with Flower's own 3 s.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import time
+import warnings
+
+#: Longest idle sleep of the SuperNode loop, in seconds (Flower's own: 3 s idle, 0.5 s per reply check).
+POLL_SECONDS = 0.25
+
+
+class CappedSleepTime:
+    """A stand-in for the :mod:`time` module whose ``sleep(s)`` sleeps ``min(s, cap)`` seconds.
+
+    Args:
+        cap: > 0, the longest sleep in seconds.
+
+    Raises:
+        ValueError: ``cap`` is not a positive number.
+    """
+
+    def __init__(self, cap: float = POLL_SECONDS) -> None:
+        if not cap > 0:
+            raise ValueError(f"cap must be > 0 seconds, found {cap!r}")
+        self.cap = float(cap)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(float(seconds), self.cap))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def install(cap: float = POLL_SECONDS) -> bool:
+    """Cap the sleeps of Flower's SuperNode loop at ``cap`` seconds in this process.
+
+    Returns:
+        True when patched (or already patched); False when ``flwr.supernode.start_client_internal``
+        has no module-level ``time`` (a Flower version other than the one this was written for),
+        in which case nothing is changed.
+    """
+    import flwr.supernode.start_client_internal as loop
+
+    current = getattr(loop, "time", None)
+    if isinstance(current, CappedSleepTime):
+        current.cap = float(cap)
+        return True
+    if current is not time:
+        return False
+    loop.time = CappedSleepTime(cap)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``argv[0]`` is the ``flower-supernode`` script to run, the rest its arguments.
+
+    Raises:
+        SystemExit: with usage (code 2) when no script is given; otherwise the SuperNode's own exit.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m autosam_fl.supernode_polling /path/to/flower-supernode [ARGS...]", file=sys.stderr)
+        raise SystemExit(2)
+    if not install():
+        warnings.warn("flwr.supernode.start_client_internal has no module-level `time` (not Flower 1.42?): "
+                      "the SuperNode keeps Flower's 3 s idle poll", RuntimeWarning, stacklevel=1)
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The SuperNode launcher caps Flower's idle sleep and runs the given script unchanged (issue 12)."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from autosam_fl import supernode_polling as sp
+
+
+def test_capped_sleep_waits_at_most_the_cap_and_passes_the_rest_through():
+    fake = sp.CappedSleepTime(0.05)
+    t0 = time.monotonic()
+    fake.sleep(3)
+    waited = time.monotonic() - t0
+    assert 0.04 <= waited < 0.5
+    t0 = time.monotonic()
+    fake.sleep(0.01)  # shorter than the cap: unchanged
+    assert time.monotonic() - t0 < 0.04
+    assert fake.monotonic is time.monotonic and fake.time is time.time
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_cap_must_be_positive(bad):
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        sp.CappedSleepTime(bad)
+
+
+def test_install_patches_flowers_supernode_loop_only(monkeypatch):
+    import flwr.supernode.start_client_internal as loop
+
+    assert loop.time is time  # Flower 1.42's layout, which install() relies on
+    monkeypatch.setattr(loop, "time", time)
+    assert sp.install(0.05) is True
+    assert isinstance(loop.time, sp.CappedSleepTime) and loop.time.cap == 0.05
+    assert sp.install(0.1) is True and loop.time.cap == 0.1  # idempotent, no proxy of a proxy
+    assert time.sleep is not loop.time.sleep  # the real module is untouched
+
+
+def test_install_leaves_an_unexpected_layout_alone(monkeypatch):
+    import flwr.supernode.start_client_internal as loop
+
+    monkeypatch.delattr(loop, "time")
+    assert sp.install() is False
+    assert not hasattr(loop, "time")
+
+
+def test_main_without_a_script_prints_usage():
+    with pytest.raises(SystemExit) as e:
+        sp.main([])
+    assert e.value.code == 2
+
+
+def test_main_runs_the_script_with_its_arguments_and_the_cap(tmp_path):
+    script = tmp_path / "fake-supernode"
+    script.write_text(textwrap.dedent("""\
+        #!/usr/bin/env python
+        import sys, time
+        import flwr.supernode.start_client_internal as loop
+        t0 = time.monotonic()
+        loop.time.sleep(3)
+        print(sys.argv[0].endswith("fake-supernode"), " ".join(sys.argv[1:]), time.monotonic() - t0, sep="|")
+        sys.exit(7)
+    """))
+    out = subprocess.run([sys.executable, "-m", "autosam_fl.supernode_polling", str(script), "--superlink", "h:1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 7, out.stderr
+    ok, args, waited = out.stdout.strip().split("|")
+    assert ok == "True" and args == "--superlink h:1"
+    assert float(waited) < 1.0  # Flower's 3 s, capped at POLL_SECONDS (0.25 s)
