@@ -4,16 +4,18 @@ Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal.start_clien
 the SuperLink for a message and, when none is waiting, sleeps a hard-coded 3 s before asking again;
 no flag or environment variable changes it. A deployed round sends each site two messages (train,
 then evaluate), so each waits 1.5 s on average, up to 3 s, before the site even sees it; the
-simulation hands messages over in memory. While a reply is being computed the same loop checks for
-it every 0.5 s.
+simulation hands messages over in memory. While a reply is being computed the same loop checks its
+local state for it every 0.5 s.
 
 ``python -m autosam_fl.supernode_polling /path/to/flower-supernode ARGS...`` runs that installed
 ``flower-supernode`` script unchanged (same arguments, same process tree: it still starts
 ``flower-superexec`` and one ``flwr-clientapp`` per message) after giving the module
-``start_client_internal`` a ``time`` whose ``sleep`` waits at most :data:`POLL_SECONDS`; every
-other attribute is the real :mod:`time`. Cost: one small pull call every 0.25 s per idle site
-instead of every 3 s. When Flower's module no longer looks as expected (another version), nothing
-is patched and a warning says so: the SuperNode then runs with Flower's own 3 s.
+``start_client_internal`` a ``time`` whose ``sleep`` waits at most ``$AUTOSAM_SUPERNODE_POLL_SECONDS``
+(``autosam-client --poll-interval``, default :data:`POLL_SECONDS`); every other attribute is the real
+:mod:`time`. Cost: one pull request to the SuperLink per idle site every ``POLL_SECONDS`` instead of
+every 3 s (a TLS request the SuperLink answers on one core: keep it >= 1 s for many sites). When
+Flower's module no longer looks as expected (another version), nothing is patched and a warning says
+so: the SuperNode then runs with Flower's own 3 s.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import sys
 import time
 import warnings
 
-#: Longest idle sleep of the SuperNode loop, in seconds (Flower's own: 3 s idle, 0.5 s per reply check).
-POLL_SECONDS = 0.25
+#: Default longest idle sleep of the SuperNode loop, in seconds (Flower's own: 3 s idle, 0.5 s per reply check).
+POLL_SECONDS = 1.0
+#: Environment variable that sets the cap for :func:`main` (seconds, > 0).
+POLL_ENV = "AUTOSAM_SUPERNODE_POLL_SECONDS"
 
 
 class CappedSleepTime:
@@ -72,14 +76,27 @@ def install(cap: float = POLL_SECONDS) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``argv[0]`` is the ``flower-supernode`` script to run, the rest its arguments.
 
+    The cap is ``$AUTOSAM_SUPERNODE_POLL_SECONDS`` when set, else :data:`POLL_SECONDS`.
+
     Raises:
-        SystemExit: with usage (code 2) when no script is given; otherwise the SuperNode's own exit.
+        SystemExit: with usage (code 2) when no script is given or the variable is not a positive
+        number; otherwise the SuperNode's own exit.
     """
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("usage: python -m autosam_fl.supernode_polling /path/to/flower-supernode [ARGS...]", file=sys.stderr)
         raise SystemExit(2)
-    if not install():
+    raw = os.environ.get(POLL_ENV, "")
+    try:
+        cap = float(raw) if raw.strip() else POLL_SECONDS
+        if not cap > 0:
+            raise ValueError
+    except ValueError:
+        print(f"error: {POLL_ENV} must be a number of seconds > 0, found {raw!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not install(cap):
         warnings.warn("flwr.supernode.start_client_internal has no module-level `time` (not Flower 1.42?): "
                       "the SuperNode keeps Flower's 3 s idle poll", RuntimeWarning, stacklevel=1)
     sys.argv = argv

@@ -52,6 +52,7 @@ from pathlib import Path
 from autosam_core.config import ConfigError, SiteConfig, load_yaml_config
 
 from autosam_fl import protocol as P
+from autosam_fl.supernode_polling import POLL_ENV, POLL_SECONDS
 
 EXIT_CONFIG, EXIT_REFUSED, EXIT_CONNECT = 2, 3, 4
 #: Seconds the SuperNode keeps running after the run's last reply, so that it reaches the SuperLink.
@@ -80,6 +81,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "evaluation (default: torch's, all cores); give each site a share when several sites run on "
                     "one machine (e.g. --threads 1 for two sites on 2 cores: oversubscribed threads made "
                     "training 4-5x slower in the 127.0.0.1 demo)")
+    ap.add_argument("--poll-interval", type=float, default=POLL_SECONDS, metavar="SECONDS",
+                    help=f"how often an idle site asks the SuperLink for a message (default {POLL_SECONDS:g} s; "
+                    "Flower's own is 3 s): each message of a round waits half of it on average; every idle site "
+                    "sends one request per interval")
     ap.add_argument("--verbose", action="store_true", help="echo all of Flower's SuperNode output")
     ap.add_argument("--audit", action="store_true", help="check every reply against the allow-list before it is "
                     "sent (a violation blocks it) and record what left the site in audit-<site_id>.md/.json")
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             if audit_dir.exists() and not audit_dir.is_dir():
                 raise ConfigError(f"--audit-dir: {audit_dir} exists and is not a folder")
             audit_dir.mkdir(parents=True, exist_ok=True)
+        if not args.poll_interval > 0:
+            raise ConfigError(f"--poll-interval: expected a number of seconds > 0, found {args.poll_interval}")
         if args.threads is not None:
             if args.threads < 1:
                 raise ConfigError(f"--threads: expected a whole number >= 1, found {args.threads}")
@@ -266,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             node_values[P.NODE_AUDIT_DIR] = str(audit_dir)
     node_cfg = flwr_home / "node_config.toml"
     node_cfg.write_text(tomli_w.dumps(node_values))
-    # Flower's own flower-supernode script, run with its idle poll cut from 3 s to 0.25 s (supernode_polling.py)
+    # Flower's own flower-supernode script, run with its idle poll cut from 3 s to --poll-interval (supernode_polling.py)
     cmd = [sys.executable, "-m", "autosam_fl.supernode_polling", flower_bin("flower-supernode"),
            "--superlink", args.superlink, *cmd_tls,
            "--node-config", str(node_cfg), "--port", str(args.port or free_port())]
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             raise _Stop
         while True:
             events: queue.Queue = queue.Queue()
-            proc = tracker.popen("flower-supernode", cmd, env=flower_env(flwr_home), pipe=True)
+            proc = tracker.popen("flower-supernode", cmd, pipe=True,
+                                 env=flower_env(flwr_home, {POLL_ENV: str(args.poll_interval)}))
             reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose), daemon=True)
             reader.start()
             activation_failed = connected = False

@@ -79,6 +79,9 @@ def test_connection_failures_name_their_cause(tls_superlink, tmp_path):
     # A thread count that is not a whole number >= 1: refused before connecting, exit 2, naming the option.
     rc, out = _client(d, site, "--superlink", link, "--root-certificates", str(d.certs / "ca.crt"), "--threads", "0")
     assert rc == 2 and "--threads: expected a whole number >= 1, found 0" in out, out
+    rc, out = _client(d, site, "--superlink", link, "--root-certificates", str(d.certs / "ca.crt"),
+                      "--poll-interval", "-1")
+    assert rc == 2 and "--poll-interval: expected a number of seconds > 0, found -1" in out, out
 
 
 def test_plaintext_superlink_against_tls_site(tmp_path):

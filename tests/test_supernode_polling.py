@@ -53,7 +53,9 @@ def test_main_without_a_script_prints_usage():
     assert e.value.code == 2
 
 
-def test_main_runs_the_script_with_its_arguments_and_the_cap(tmp_path):
+def _run_fake(tmp_path, env_cap=None):
+    import os
+
     script = tmp_path / "fake-supernode"
     script.write_text(textwrap.dedent("""\
         #!/usr/bin/env python
@@ -64,9 +66,24 @@ def test_main_runs_the_script_with_its_arguments_and_the_cap(tmp_path):
         print(sys.argv[0].endswith("fake-supernode"), " ".join(sys.argv[1:]), time.monotonic() - t0, sep="|")
         sys.exit(7)
     """))
-    out = subprocess.run([sys.executable, "-m", "autosam_fl.supernode_polling", str(script), "--superlink", "h:1"],
-                         capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != sp.POLL_ENV}
+    if env_cap is not None:
+        env[sp.POLL_ENV] = env_cap
+    return subprocess.run([sys.executable, "-m", "autosam_fl.supernode_polling", str(script), "--superlink", "h:1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_main_runs_the_script_with_its_arguments_and_the_default_cap(tmp_path):
+    out = _run_fake(tmp_path)
     assert out.returncode == 7, out.stderr
     ok, args, waited = out.stdout.strip().split("|")
     assert ok == "True" and args == "--superlink h:1"
-    assert float(waited) < 1.0  # Flower's 3 s, capped at POLL_SECONDS (0.25 s)
+    assert sp.POLL_SECONDS - 0.05 <= float(waited) < sp.POLL_SECONDS + 0.5  # Flower's 3 s, capped at 1 s
+
+
+def test_the_cap_comes_from_the_environment(tmp_path):
+    out = _run_fake(tmp_path, "0.1")
+    assert out.returncode == 7, out.stderr
+    assert float(out.stdout.strip().split("|")[2]) < 0.6
+    bad = _run_fake(tmp_path, "zero")
+    assert bad.returncode == 2 and sp.POLL_ENV in bad.stderr and "'zero'" in bad.stderr
