@@ -1,6 +1,6 @@
 """Wall time and memory of a real deployment on 127.0.0.1 (issue 12 item 5).
 
-    .venv/bin/python benchmarks/deployment_load.py [--sites 6] [--rounds 3] [--images 4] [--workdir DIR]
+    .venv/bin/python benchmarks/deployment_load.py [--sites 6] [--rounds 3] [--images 4] [--preset sam_head] [--workdir DIR]
     .venv/bin/python benchmarks/deployment_load.py --federation sites/polyp/demo.yaml   # the demo, deployed
 
 Starts one ``autosam-server`` (SuperLink with TLS and SuperNode authentication, one registered key per
@@ -22,7 +22,7 @@ Prints JSON with stable keys: ``round_wall_seconds`` (list, from summary.json: r
 ``total_wall_seconds`` (server start to server exit), ``superlink_peak_rss_mb``,
 ``server_tree_peak_rss_mb``, ``client_tree_peak_rss_mb`` (max over sites), ``sites``, ``rounds``;
 also ``client_tree_peak_rss_mb_per_site``, ``server_tree_peak_rss_mb_by_process`` (peak of each
-program in the coordinator's tree, separately), ``images_per_site``, ``status``, ``samples``.
+program in the coordinator's tree, separately), ``images_per_site``, ``preset``, ``status``, ``samples``.
 Every process started is stopped by PID at the end. The timings depend on the machine's load.
 """
 
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     ap.add_argument("--site-threads", type=int, default=None,
                     help="pass --threads N to every autosam-client (several sites sharing this machine's cores)")
+    ap.add_argument("--preset", default=None, choices=["sam_head", "paper"],
+                    help="g of the tiny federation (default: the tests' timm mobilenetv3, 254 state tensors; "
+                    "sam_head: 20) - Flower moves every array as its own object, so this sets the transfer cost")
     ap.add_argument("--federation", default=None,
                     help="deploy this federation YAML and its sites instead of the tiny synthetic one")
     args = ap.parse_args(argv)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sites = [f"site_{i}" for i in range(args.sites)]
         fed = make_federation(work, sites={s: args.images for s in sites}, rounds=args.rounds, min_sites=args.sites,
-                              round_timeout=max(600.0, args.timeout / max(args.rounds, 1)))
+                              round_timeout=max(600.0, args.timeout / max(args.rounds, 1)),
+                              model={"preset": args.preset} if args.preset else None)
         site_yamls = {s: work / "sites" / f"{s}.yaml" for s in sites}
         summary_path = work / "runs" / "fedtest" / "summary.json"
     status, rc = "failed", None
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_tree_peak_rss_mb_by_process": {k: round(v, 1) for k, v in
                                                sorted(sampler.server_by_process.items(), key=lambda kv: -kv[1])},
         "images_per_site": args.images,
+        "preset": args.preset if not args.federation else None,
         "status": status,
         "server_exit_code": rc,
         "samples": sampler.samples,
