@@ -265,8 +265,9 @@ class FederatedServer:
             return
         arrays = ArrayRecord(self.initial_state)
         self.summary["initial_state_sha256"] = outputs.state_digest(arrays.to_torch_state_dict())
-        log.info("model: %s, g input %d, SAM %s; %d trainable tensors, %.1f MB per transfer in %s",
-                 self.fed.model.backbone, self.fed.model.g_input_size, self.fed.sam.kind, len(arrays),
+        log.info("model: preset %s, backbone %s, g input %d, SAM %s; %d trainable tensors, %.1f MB per transfer in %s",
+                 self.fed.model.preset or "none (custom keys)", self.fed.model.backbone, self.fed.model.g_input_size,
+                 self.fed.sam.kind, len(arrays),
                  arrayrecord_nbytes(wire_record(arrays, self.fed.transfer_dtype)) / 1e6, self.fed.transfer_dtype)
         self._t_last = time.time()
         self.strategy.start(grid=ReplyPollingGrid(grid), initial_arrays=arrays, num_rounds=remaining, timeout=self.fed.round_timeout,
