@@ -103,14 +103,11 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
         stats = cache.ensure([p.image_path for p in train_pairs + val_pairs], load_image)
         log.info("embedding cache: %d cached, %d computed in %.1f s", stats["cached"], stats["computed"],
                  stats["seconds"])
-        if cfg.train.hflip > 0:
-            stats = cache.ensure([p.image_path for p in train_pairs], load_image, desc="SAM embeddings, mirrored",
-                                 hflip=True)
-            log.info("embedding cache, mirrored training images (hflip %.2f): %d cached, %d computed in %.1f s",
-                     cfg.train.hflip, stats["cached"], stats["computed"], stats["seconds"])
-    loader = make_loader(AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed,
-                                        hflip_p=cfg.train.hflip),
-                         cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    train_set = AutoSamDataset(model, train_pairs, cfg.train.augmentation, cache, seed=cfg.train.seed,
+                               hflip_p=cfg.train.hflip)
+    if cfg.train.hflip > 0:
+        train_set.fill_cache()  # the mirrored training images (the plain ones are cached above)
+    loader = make_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = lr_schedule(opt, cfg.train.epochs * len(loader), cfg.train.schedule, cfg.train.warmup_fraction)
     scaler = grad_scaler(dev, prec)

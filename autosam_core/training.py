@@ -21,7 +21,6 @@ from .autosam import AutoSam
 from .config import SiteConfig
 from .data.cache import EmbeddingCache
 from .data.dataset import resolve_pairs, split_validation
-from .data.io import load_image
 from .data.torch_dataset import AutoSamDataset, make_loader
 from .losses import bce_dice_loss
 from .metrics import dice_iou
@@ -305,11 +304,7 @@ class SiteTrainer:
     def ensure_embeddings(self) -> None:
         """Fill the embedding cache for the training images; called by every ``fit`` (an image edited
         in place since the last round is re-encoded: cache keys follow file bytes)."""
-        self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
-                          desc=f"{self.site.site_id}: SAM embeddings")
-        if self.site.hflip > 0:
-            self.cache.ensure([p.image_path for p in self.train_pairs], load_image, progress=self.progress,
-                              desc=f"{self.site.site_id}: SAM embeddings, mirrored", hflip=True)
+        self.dataset.fill_cache(progress=self.progress, desc=f"{self.site.site_id}: SAM embeddings")
 
     def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
         """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`.

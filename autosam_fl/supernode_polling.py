@@ -20,6 +20,7 @@ so: the SuperNode then runs with Flower's own 3 s.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 import time
@@ -82,8 +83,6 @@ def main(argv: list[str] | None = None) -> None:
         SystemExit: with usage (code 2) when no script is given or the variable is not a positive
         number; otherwise the SuperNode's own exit.
     """
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("usage: python -m autosam_fl.supernode_polling /path/to/flower-supernode [ARGS...]", file=sys.stderr)

@@ -97,11 +97,10 @@ def run_variant(name: str, seed: int, args, sam, train_pairs, val_pairs, test_se
     model = build_autosam(SamConfig(), cfg, sam=sam, seed=seed)
     cache = EmbeddingCache(sam)
     hflip = VARIANT_HFLIP.get(name, 0.0)
-    if hflip > 0:
-        cache.ensure([q.image_path for q in train_pairs], load_image, desc="SAM embeddings, mirrored", hflip=True)
+    train_set = AutoSamDataset(model, train_pairs, "polyp", cache, seed=seed, hflip_p=hflip)
+    train_set.fill_cache()  # only the mirrored entries are new (main() cached the rest)
     torch.manual_seed(seed)
-    loader = make_loader(AutoSamDataset(model, train_pairs, "polyp", cache, seed=seed, hflip_p=hflip),
-                         args.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=seed)
     lr = VARIANT_LR.get(name, args.lr)
     opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=lr, weight_decay=1e-5)
     sched = lr_schedule(opt, args.epochs * len(loader), schedule)

@@ -11,6 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python(code: str) -> str:
+    """stdout of ``code`` run in a fresh interpreter from the repo root (asserts it exited 0)."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_importing_every_core_module_loads_no_flwr_client_or_server():
     code = (
         "import importlib, pkgutil, sys\n"
@@ -19,9 +26,7 @@ def test_importing_every_core_module_loads_no_flwr_client_or_server():
         "for n in names: importlib.import_module(n)\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'client', 'server'))\n"
         "print(len(names), ' '.join(bad))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    count, _, bad = out.stdout.strip().partition(" ")
+    count, _, bad = _python(code).strip().partition(" ")
     assert int(count) >= 20  # every module was imported, not an empty walk
     assert bad == "", f"autosam_core pulled in: {bad}"
 
@@ -63,6 +68,4 @@ def test_the_coordinator_cli_checks_a_federation_without_torch():
         "import tempfile, pathlib\n"
         "c.flower_env(pathlib.Path(tempfile.mkdtemp()))\n"
         "print(len(fed.sites), 'torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["2", "False"]
+    assert _python(code).split() == ["2", "False"]

@@ -7,10 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-
-import numpy as np
 
 from .cache import EmbeddingCache, mirror
 from .dataset import Pair
@@ -63,6 +62,20 @@ class AutoSamDataset(Dataset):
         if self.augment is not None:
             self.augment.set_random_seed(int(seed))
         self._flips = np.random.default_rng(int(seed))
+
+    def fill_cache(self, progress: bool = True, desc: str = "SAM embeddings") -> None:
+        """Encode what this dataset will read and is not cached yet: every pair's image_embeddings
+        and, with ``hflip_p`` > 0, those of the mirrored images (see :meth:`EmbeddingCache.ensure`).
+
+        Raises:
+            ValueError: no cache (``cache=None``).
+        """
+        if self.cache is None:
+            raise ValueError("fill_cache needs a dataset built with an EmbeddingCache")
+        paths = [p.image_path for p in self.pairs]
+        self.cache.ensure(paths, load_image, progress=progress, desc=desc)
+        if self.hflip_p > 0:
+            self.cache.ensure(paths, load_image, progress=progress, desc=f"{desc}, mirrored", hflip=True)
 
     def __len__(self) -> int:
         return len(self.pairs)
