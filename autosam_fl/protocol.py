@@ -1,7 +1,9 @@
 """The message contract between the AutoSAM-FL ServerApp and ClientApp (keys in one place).
 
 Train instruction (server -> site), ``RecordDict``:
-    ``arrays``  ArrayRecord: the global trainable state (g/h keys only).
+    ``arrays``  ArrayRecord: the global trainable state (g/h keys only), packed: one array per dtype plus
+                a ``__layout__`` (:func:`autosam_fl.transfer.to_wire`; Flower sends each array as its own
+                request, so a g of 254 tensors would cost hundreds of requests per hop).
     ``config``  ConfigRecord: ``server-round`` (int, set by Flower's FedAvg, restarts at 1 in a
                 resumed run), ``global-round`` (int, counts across resumed runs), ``local-epochs``
                 (int; 0 = use the site YAML's ``local_epochs``), ``proximal-mu`` (float, FedProx
@@ -14,7 +16,7 @@ Train instruction (server -> site), ``RecordDict``:
 
 Train reply (site -> server), ``RecordDict``:
     ``arrays``  ArrayRecord: exactly ``AutoSam.trainable_state()`` after local training, its
-                floating-point arrays in the instruction's ``transfer-dtype``.
+                floating-point arrays in the instruction's ``transfer-dtype``, packed the same way.
     ``metrics`` MetricRecord: ``num-examples`` (training samples, never batches; 0 when a DP
                 site's budget is spent and it did not train), ``train_loss``, ``train_dice``,
                 ``train_seconds``, ``local_epochs``; DP sites add ``epsilon`` (spent so far, all

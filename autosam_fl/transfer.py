@@ -15,15 +15,27 @@ decodes every floating-point array back to float32 before loading or averaging, 
 same keys, shapes and dtypes as without narrowing. Both directions use the dtype named in the
 instruction's ``transfer-dtype`` (:data:`autosam_fl.protocol.TRANSFER_DTYPE`).
 
-No flwr import: the client and the server both use this module.
+**Packing.** Flower 1.42 stores and sends every Array of an ArrayRecord as its own object: one push or
+pull request per array (and per 5 MB chunk) on every hop (ServerApp -> SuperLink -> SuperNode ->
+ClientApp and back; ``flwr/supercore/inflatable/inflatable_utils.py``, at most ``os.cpu_count()`` requests
+in flight). A g of 254 tensors (the tiny MobileNetV3 of the tests) thus cost hundreds of signed TLS requests
+per site per round; a round of a 6-site federation took 92 s deployed against 3-9 s simulated. So the wire
+holds one array per dtype (:func:`pack_arrays`): the arrays of that dtype concatenated in key order, plus
+a ``__layout__`` array (uint8 JSON of ``[key, shape, dtype]`` per array) that :func:`unpack_arrays` reads
+to cut them back into the same keys, shapes and dtypes. :func:`to_wire` / :func:`from_wire` are the two
+ends both sides call.
+
+No torch import: the coordinator uses this module (``autosam-server`` runs without torch).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,7 +59,7 @@ def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
     NaN stays NaN (quiet), +-inf stays +-inf; finite values above bfloat16's max round to inf.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32, order="C")
     bits = x.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     out = rounded.astype(np.uint16)
@@ -59,7 +71,7 @@ def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32 array (exact: every bfloat16 is a float32)."""
-    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return (np.asarray(bits, dtype=np.uint16, order="C").astype(np.uint32) << 16).view(np.float32)
 
 
 def _is_float(arr: np.ndarray) -> bool:
@@ -96,7 +108,7 @@ def encode_state(state: Mapping[str, Any], transfer_dtype: str) -> dict[str, np.
             if transfer_dtype == "bfloat16":
                 arr = float32_to_bfloat16_bits(arr)
             else:
-                arr = np.ascontiguousarray(arr, dtype=WIRE_DTYPE[transfer_dtype])
+                arr = np.asarray(arr, dtype=WIRE_DTYPE[transfer_dtype], order="C")
         out[key] = arr
     return out
 
@@ -147,3 +159,136 @@ def wire_signature(signature: Mapping[str, tuple[tuple[int, ...], str]], transfe
     wire = str(WIRE_DTYPE[transfer_dtype])
     return {k: (shape, wire if np.issubdtype(np.dtype(dt), np.floating) else dt)
             for k, (shape, dt) in signature.items()}
+
+
+# ----- packing: one wire array per dtype --------------------------------------------------------------
+#: Key of the uint8 JSON layout array of a packed record.
+LAYOUT_KEY = "__layout__"
+#: Key of the packed array of one dtype: ``PACKED_KEY.format(dtype="float32")``.
+PACKED_KEY = "__packed_{dtype}__"
+
+
+class WireFormatError(ValueError):
+    """A packed record does not match its own layout (missing/extra/short/long buffers, bad JSON)."""
+
+
+def pack_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """key -> array (any shapes, numeric dtypes) -> the few arrays that travel (see the module docstring).
+
+    Args:
+        arrays: key -> NumPy array / torch tensor / Flower Array, in the order they should come back.
+
+    Returns:
+        ``{LAYOUT_KEY: uint8 (n,), PACKED_KEY.format(dtype=d): 1-D array of dtype d, ...}``: one packed
+        array per distinct dtype, in order of first appearance; the values are copied bit for bit.
+    """
+    layout: list[list] = []
+    groups: dict[str, list[np.ndarray]] = {}
+    for key, value in arrays.items():
+        arr = np.asarray(_as_numpy(value), order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        layout.append([str(key), [int(n) for n in arr.shape], arr.dtype.name])
+        groups.setdefault(arr.dtype.name, []).append(arr.reshape(-1))
+    out = {LAYOUT_KEY: np.frombuffer(json.dumps(layout).encode("utf-8"), dtype=np.uint8).copy()}
+    for name, parts in groups.items():
+        out[PACKED_KEY.format(dtype=name)] = np.concatenate(parts)
+    return out
+
+
+def _layout_of(raw: np.ndarray) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise WireFormatError(f"array {LAYOUT_KEY!r} must be 1-D uint8 (JSON), found {raw.dtype} {tuple(raw.shape)}")
+    try:
+        entries = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WireFormatError(f"array {LAYOUT_KEY!r} is not UTF-8 JSON: {err}") from None
+    if not isinstance(entries, list):
+        raise WireFormatError(f"array {LAYOUT_KEY!r} must hold a JSON list, found {type(entries).__name__}")
+    out = []
+    for i, entry in enumerate(entries):
+        ok = (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], list) and all(isinstance(n, int) and n >= 0 for n in entry[1])
+              and isinstance(entry[2], str))
+        dtype = None
+        if ok:
+            try:
+                dtype = np.dtype(entry[2])
+            except TypeError:
+                ok = False
+        if not ok or dtype.kind not in "biuf":
+            raise WireFormatError(f"{LAYOUT_KEY!r} entry {i} must be [key, [dims >= 0], numeric dtype name], "
+                                  f"found {str(entry)[:120]}")
+        out.append((entry[0], tuple(entry[1]), dtype))
+    return out
+
+
+def unpack_arrays(wire: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of a record as sent -> key -> NumPy array, undoing :func:`pack_arrays`.
+
+    A record without :data:`LAYOUT_KEY` is read as one array per key (what ``ArrayRecord(state_dict)``
+    builds), so a message built by hand reads the same.
+
+    Returns:
+        key -> NumPy array (views into the packed buffers: copy before writing), in the layout's order.
+
+    Raises:
+        WireFormatError: the layout is not valid, names a key twice, or a packed array is missing, has
+        another dtype than its name, is not 1-D, holds fewer or more values than the layout says, or the
+        record holds an array the layout does not account for (message names the key and both counts).
+    """
+    if LAYOUT_KEY not in wire:
+        return {k: _as_numpy(v) for k, v in wire.items()}
+    layout = _layout_of(_as_numpy(wire[LAYOUT_KEY]))
+    buffers: dict[str, np.ndarray] = {}
+    offsets: dict[str, int] = {}
+    out: dict[str, np.ndarray] = {}
+    for key, shape, dtype in layout:
+        if key in out:
+            raise WireFormatError(f"{LAYOUT_KEY!r} names array {key!r} twice")
+        name = PACKED_KEY.format(dtype=dtype.name)
+        if name not in buffers:
+            if name not in wire:
+                raise WireFormatError(f"array {key!r} is {dtype.name} but the record holds no {name!r}")
+            buf = _as_numpy(wire[name])
+            if buf.dtype != dtype or buf.ndim != 1:
+                raise WireFormatError(f"array {name!r} must be 1-D {dtype.name}, found {buf.dtype} {tuple(buf.shape)}")
+            buffers[name], offsets[name] = buf, 0
+        count = int(np.prod(shape, dtype=np.int64))
+        start = offsets[name]
+        if start + count > buffers[name].size:
+            raise WireFormatError(f"array {key!r} {shape} needs values {start}..{start + count} of {name!r}, "
+                                  f"which holds {buffers[name].size}")
+        out[key] = buffers[name][start:start + count].reshape(shape)
+        offsets[name] = start + count
+    for name, buf in buffers.items():
+        if offsets[name] != buf.size:
+            raise WireFormatError(f"array {name!r} holds {buf.size} values, its layout accounts for {offsets[name]}")
+    extra = sorted(set(wire) - set(buffers) - {LAYOUT_KEY})
+    if extra:
+        raise WireFormatError(f"the record holds {len(extra)} array(s) its layout does not name, first {extra[0]!r}")
+    return out
+
+
+def to_wire(state: Mapping[str, Any], transfer_dtype: str) -> ArrayRecord:
+    """g's state -> the ArrayRecord that travels: :func:`encode_state`, then :func:`pack_arrays`.
+
+    Args:
+        state: key -> float32 / integer tensor or array (g/h's trainable state).
+        transfer_dtype: one of :data:`TRANSFER_DTYPES`.
+
+    Raises:
+        TransferDtypeError: unknown ``transfer_dtype``.
+    """
+    return ArrayRecord({k: Array(v) for k, v in pack_arrays(encode_state(state, transfer_dtype)).items()})
+
+
+def from_wire(record: Mapping[str, Any], transfer_dtype: str,
+              reference: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The ArrayRecord that came -> key -> float32 (floating) / integer NumPy arrays.
+
+    :func:`unpack_arrays`, then :func:`decode_state` (``reference`` as there).
+
+    Raises:
+        WireFormatError: the packed record does not match its layout.
+        TransferDtypeError: a floating array is not in the wire dtype of ``transfer_dtype``.
+    """
+    return decode_state(unpack_arrays(record), transfer_dtype, reference)

@@ -38,14 +38,14 @@ from typing import NoReturn
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from autosam_core.autosam import AutoSam
 from autosam_core.config import ConfigError, FederationConfig, ModelConfig, SamConfig, SiteConfig, load_yaml_config
 from autosam_core.trainable_state import Signature
 
 from autosam_fl import protocol as P
-from autosam_fl.transfer import check_transfer_dtype, decode_state, encode_state, wire_signature
+from autosam_fl.transfer import check_transfer_dtype, from_wire, to_wire, wire_signature
 from .audit import AuditViolation, ReplyAudit, audit_dir, audit_enabled, expected_signature
 
 log = logging.getLogger("autosam.client")
@@ -334,20 +334,14 @@ def transfer_dtype_of(config: ConfigRecord) -> str:
 
 
 def received_state(record: ArrayRecord, transfer_dtype: str) -> dict[str, torch.Tensor]:
-    """The instruction's ``arrays`` -> g/h state dict of float32 (floating) / int64 tensors, on the CPU.
+    """The instruction's ``arrays`` (packed, :func:`autosam_fl.transfer.to_wire`) -> g/h state dict of
+    float32 (floating) / int64 tensors, on the CPU.
 
     Raises:
+        WireFormatError: the packed record does not match its layout.
         TransferDtypeError: a floating array is not in the wire dtype of ``transfer_dtype``.
     """
-    state = decode_state({k: v.numpy() for k, v in record.items()}, transfer_dtype)
-    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-
-
-def reply_arrays(state: dict[str, torch.Tensor], transfer_dtype: str) -> ArrayRecord:
-    """g/h's trainable state as it travels back: floating arrays in ``transfer_dtype``."""
-    if transfer_dtype == "float32":
-        return ArrayRecord(state)
-    return ArrayRecord({k: Array(v) for k, v in encode_state(state, transfer_dtype).items()})
+    return {k: torch.from_numpy(np.array(v)) for k, v in from_wire(record, transfer_dtype).items()}
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -378,7 +372,7 @@ def train(msg: Message, context: Context) -> Message:
         if stats.get("skip_reason"):
             log.warning("site %s did not train in round %d: %s", label, server_round, stats["skip_reason"])
         content = RecordDict({
-            P.ARRAYS: reply_arrays(rt.model.trainable_state(), dtype),
+            P.ARRAYS: to_wire(rt.model.trainable_state(), dtype),
             P.METRICS: train_metrics(stats, epochs, rt.trainer.num_examples),
             P.SITE: site_record(label, stats),
         })

@@ -47,6 +47,7 @@ from autosam_core.files import atomic_write_json, atomic_write_text
 from autosam_core.trainable_state import (DTYPE, FOREIGN, MISSING, SHAPE, UNEXPECTED, Signature, state_mismatches,
                                           state_signature)
 from autosam_fl import protocol as P
+from autosam_fl.transfer import WireFormatError, unpack_arrays
 
 log = logging.getLogger("autosam.client")
 
@@ -192,7 +193,15 @@ def check_site_record(record: Mapping[str, Any], site_id: str) -> list[str]:
 
 
 def check_arrays(arrays: Mapping[str, Any], expected: Signature) -> list[str]:
-    """Violations of the array rule: exactly the keys, shapes and dtypes of ``expected`` (g/h only)."""
+    """Violations of the array rule: exactly the keys, shapes and dtypes of ``expected`` (g/h only).
+
+    ``arrays`` is the record as it is sent: packed (:func:`autosam_fl.transfer.pack_arrays`) arrays are
+    unpacked first, and a packed record that does not match its own layout (e.g. bytes the layout does not
+    account for) is a violation."""
+    try:
+        arrays = unpack_arrays(arrays)
+    except WireFormatError as err:
+        return [f"the packed arrays do not match their layout: {err}"]
     diff = state_mismatches(arrays, expected, compare_dtypes=True)
     out = []
     extra = [m for m in diff if m.kind in (FOREIGN, UNEXPECTED)]
@@ -254,6 +263,16 @@ def check_reply(content, kind: str, site_id: str, expected: Signature | None,
 
 
 # ----- the record ------------------------------------------------------------------------------------
+def _array_count(arrays: Mapping[str, Any] | None) -> int:
+    """How many of g/h's arrays a record carries (packed: as many as its layout names)."""
+    if arrays is None:
+        return 0
+    try:
+        return len(unpack_arrays(arrays))
+    except WireFormatError:
+        return len(arrays)
+
+
 def _utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -319,7 +338,7 @@ class ReplyAudit:
         entry: dict[str, Any] = {
             "utc": _utc(), "run_id": int(run_id), "round": int(server_round), "kind": kind,
             "verdict": "blocked" if violations else "sent",
-            "arrays": {"count": len(arrays) if arrays is not None else 0,
+            "arrays": {"count": _array_count(arrays),
                        "bytes": int(sum(len(a.data) for a in arrays.values())) if arrays is not None else 0,
                        "keys_match_fresh_model": not array_problems},
             "metrics": {k: _num(v) for rec in content.metric_records.values() for k, v in rec.items()},

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[autosam] site {site.site_id}: refused run {refusal[0]} (error reply sent); stopping",
                           flush=True)
                     stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS  # let the error reply reach the SuperLink
-                elif what == SENT and console.done_runs and not args.serve and not finished:
+                elif what == SENT and console.done_runs and not args.serve and not finished and refusal is None:
                     finished = True
                     print(f"[autosam] site {site.site_id}: run {max(console.done_runs)} finished; last reply sent. "
                           "Stopping (use --serve to keep serving the next runs)", flush=True)

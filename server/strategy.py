@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from autosam_core.trainable_state import is_trainable_key
 from autosam_fl import protocol as P
-from autosam_fl.transfer import TransferDtypeError, check_transfer_dtype, decode_state, encode_state
+from autosam_fl.transfer import (TransferDtypeError, WireFormatError, check_transfer_dtype, decode_state, to_wire,
+                                 unpack_arrays)
 
 from .aggregation import check_num_examples, check_state, weighted_average
 
@@ -57,10 +58,9 @@ def arrayrecord_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def wire_record(record: ArrayRecord, transfer_dtype: str) -> ArrayRecord:
-    """The global state as it travels to the sites: floating arrays narrowed to ``transfer_dtype``."""
-    if transfer_dtype == "float32":
-        return record
-    return ArrayRecord({k: Array(v) for k, v in encode_state(arrayrecord_to_numpy(record), transfer_dtype).items()})
+    """The global state as it travels to the sites: packed, floating arrays in ``transfer_dtype``
+    (:func:`autosam_fl.transfer.to_wire`)."""
+    return to_wire(arrayrecord_to_numpy(record), transfer_dtype)
 
 
 def arrayrecord_nbytes(record: ArrayRecord) -> int:
@@ -260,8 +260,11 @@ class RobustAggregation:
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             return (f"expected exactly one ArrayRecord and one MetricRecord, found {len(content.array_records)} "
                     f"and {len(content.metric_records)}"), None, None
-        wire = arrayrecord_to_numpy(next(iter(content.array_records.values())))
         metrics = next(iter(content.metric_records.values()))
+        try:
+            wire = unpack_arrays(next(iter(content.array_records.values())))
+        except WireFormatError as err:
+            return str(err), None, metrics
         try:
             state = decode_state(wire, self.transfer_dtype, self._global_ref or None)
         except TransferDtypeError as err:

@@ -62,10 +62,10 @@ def test_train_reply_holds_only_trainable_state_with_dtypes(federation, initial_
     assert not reply.has_error()
     content = reply.content
     assert len(content.array_records) == 1 and len(content.metric_records) == 1
-    arrays = content[P.ARRAYS]
-    bad = [k for k in arrays.keys() if not k.startswith(TRAINABLE)]
+    assert len(content[P.ARRAYS]) == 3  # packed: layout, float32 values, int64 counters (autosam_fl.transfer)
+    got = client_app.received_state(content[P.ARRAYS], "float32")
+    bad = [k for k in got if not k.startswith(TRAINABLE)]
     assert bad == [], f"keys that must never leave the site: {bad[:5]}"
-    got = arrays.to_torch_state_dict()
     assert list(got) == list(initial_state)
     for k, v in initial_state.items():
         assert got[k].shape == v.shape and got[k].dtype == v.dtype, k
@@ -134,7 +134,7 @@ def test_dp_site_uses_groupnorm_g_and_skips_when_budget_spent(tmp_path, monkeypa
     ctx = _context(11, {P.NODE_SITE_CONFIG: str(site_yaml)})
     monkeypatch.setattr(DPSiteTrainer, "would_exceed", lambda self, epochs: True)
     reply = client_app.train(_instruction(state, 11, 1, model=dp_model, **{P.DP: True, P.PLANNED_ROUNDS: 2}), ctx)
-    got = reply.content[P.ARRAYS].to_torch_state_dict()
+    got = client_app.received_state(reply.content[P.ARRAYS], "float32")
     assert list(got) == list(state) and all(torch.equal(got[k], state[k]) for k in state)
     m = reply.content[P.METRICS]
     assert m[P.NUM_EXAMPLES] == 0 and "epsilon" in m and m["delta"] == 1e-5

@@ -221,7 +221,7 @@ def test_dp_site_accounts_across_fresh_processes_and_stops_at_budget(tmp_path, m
         monkeypatch.setattr(client_app, "_MODELS", processes[proc][1])
         reply = client_app.train(_instruction(state, 11, rnd, model=DP_MODEL, **dp), ctx)
         replies.append((state, reply))
-        state = reply.content[P.ARRAYS].to_torch_state_dict()
+        state = client_app.received_state(reply.content[P.ARRAYS], "float32")
     m = [r.content[P.METRICS] for _, r in replies]
     site = [r.content[P.SITE] for _, r in replies]
     assert [x[P.NUM_EXAMPLES] for x in m] == [4, 4, 0]
@@ -233,7 +233,7 @@ def test_dp_site_accounts_across_fresh_processes_and_stops_at_budget(tmp_path, m
     assert re.fullmatch(r"privacy budget: 2 more steps would exceed target epsilon 3\.0 .*over 4 steps\)",
                         site[2][P.REASON])
     sent, reply3 = replies[2]
-    got = reply3.content[P.ARRAYS].to_torch_state_dict()
+    got = client_app.received_state(reply3.content[P.ARRAYS], "float32")
     assert all(torch.equal(got[k], v) for k, v in sent.items())  # unchanged weights
     ledger = tmp_path / "cache" / "site-state" / "privacy-dp_a.json"
     assert sum(s for *_, s in json.loads(ledger.read_text())["history"]) == 4

@@ -14,7 +14,7 @@ from flwr.common import Metadata
 
 from autosam_fl import protocol as P
 from autosam_fl.transfer import (TransferDtypeError, bfloat16_bits_to_float32, decode_state, encode_state,
-                                 float32_to_bfloat16_bits, wire_signature)
+                                 float32_to_bfloat16_bits, to_wire, unpack_arrays, wire_signature)
 from server.strategy import AutoSamFedAvg, arrayrecord_nbytes, wire_record
 
 W, B, N = "prompt_generator.conv.weight", "prompt_generator.bn.running_var", "prompt_generator.bn.num_batches_tracked"
@@ -76,7 +76,7 @@ def test_decode_names_the_key_when_a_float_arrives_in_the_wrong_dtype():
 def _reply(node: int, site: str, arrays: dict[str, np.ndarray], n: float) -> Message:
     meta = Metadata(run_id=1, message_id=f"r{node}-{time.time_ns()}", src_node_id=node, dst_node_id=0,
                     reply_to_message_id="x", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
-    content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+    content = RecordDict({P.ARRAYS: to_wire(arrays, "float32"),
                           P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, "train_loss": 0.5, "train_dice": 0.5}),
                           P.SITE: ConfigRecord({P.SITE_ID: site})})
     return Message(content, metadata=meta)
@@ -98,7 +98,7 @@ def test_server_averages_bfloat16_replies_in_float32_and_counts_half_the_bytes()
     f32 = arrayrecord_nbytes(ArrayRecord({k: Array(v) for k, v in a.items()}))
     assert rep["upload_bytes"] <= 0.51 * f32
     wire = wire_record(ArrayRecord({k: Array(v) for k, v in glob.items()}), "bfloat16")
-    assert arrayrecord_nbytes(wire) <= 0.51 * f32 and wire[W].numpy().dtype == np.uint16
+    assert arrayrecord_nbytes(wire) <= 0.51 * f32 and unpack_arrays(wire)[W].dtype == np.uint16
 
 
 def test_server_rejects_a_float32_reply_when_bfloat16_was_asked(caplog):
@@ -126,18 +126,17 @@ def test_site_trains_from_bfloat16_arrays_and_replies_in_bfloat16(tmp_path, monk
     make_federation(tmp_path, sites={"site_a": 3}, val_fraction=0.34)
     monkeypatch.setenv("AUTOSAM_CACHE", str(tmp_path / "cache"))
     state = build_autosam(SamConfig(kind="tiny"), ModelConfig(**TINY_MODEL)).trainable_state()
-    wire = encode_state(state, "bfloat16")
     cfg = ConfigRecord({P.SERVER_ROUND: 1, P.SAM_KIND: "tiny", P.MODEL_CONFIG: json.dumps(TINY_MODEL), P.SEED: 0,
                         P.LOCAL_EPOCHS: 1, P.TRANSFER_DTYPE: "bfloat16"})
     meta = Metadata(run_id=1, message_id=f"ins-{time.time_ns()}", src_node_id=0, dst_node_id=3,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
-    msg = Message(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in wire.items()}), P.CONFIG: cfg}),
+    msg = Message(RecordDict({P.ARRAYS: to_wire(state, "bfloat16"), P.CONFIG: cfg}),
                   metadata=meta)
     ctx = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
                   node_config={P.NODE_SITE_CONFIG: str(tmp_path / "sites" / "site_a.yaml"), P.NODE_AUDIT: True})
     reply = client_app.train(msg, ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    got = {k: v.numpy() for k, v in reply.content[P.ARRAYS].items()}
+    got = unpack_arrays(reply.content[P.ARRAYS])
     assert list(got) == list(state)
     for k, v in state.items():
         want = np.int64 if not v.dtype.is_floating_point else np.uint16
@@ -151,4 +150,5 @@ def test_site_trains_from_bfloat16_arrays_and_replies_in_bfloat16(tmp_path, monk
     cfg32 = ConfigRecord({k: v for k, v in cfg.items() if k != P.TRANSFER_DTYPE})
     msg32 = Message(RecordDict({P.ARRAYS: ArrayRecord(state), P.CONFIG: cfg32}), metadata=meta)
     reply32 = client_app.train(msg32, ctx)
-    assert {v.numpy().dtype for v in reply32.content[P.ARRAYS].values()} == {np.dtype(np.float32), np.dtype(np.int64)}
+    assert {v.dtype for v in unpack_arrays(reply32.content[P.ARRAYS]).values()} == {np.dtype(np.float32),
+                                                                                    np.dtype(np.int64)}
