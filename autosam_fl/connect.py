@@ -14,9 +14,10 @@ the SuperLink itself and names the cause:
 After the handshake the SuperLink may refuse to activate the node; Flower 1.42 gives the same answer
 (``[code: 2004] Failed to activate SuperNode``) for a key it does not know and for a key whose
 previous connection is still marked online (a SuperNode killed without signing off stays online
-until it misses 2 heartbeats, up to 60 s). :class:`ConnectionMarker` tells the two apart: a
+until it misses 2 heartbeats: up to 30 s with the 15 s interval ``autosam-client`` sets,
+:mod:`autosam_fl.supernode_polling`). :class:`ConnectionMarker` tells the two apart: a
 connected site records its node and a timestamp every few seconds in its state folder and clears it
-when it signs off; a refusal within 60 s of a recorded heartbeat is the stale connection (wait and
+when it signs off; a refusal within that time of a recorded heartbeat is the stale connection (wait and
 retry), any other refusal is an unregistered key.
 """
 
@@ -28,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autosam_core.files import atomic_write_json, file_sha256
+from autosam_fl.supernode_polling import HEARTBEAT_PATIENCE, HEARTBEAT_SECONDS
 
 REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
     "refused", "unreachable", "speaks-tls", "no-tls", "cert-failed", "bad-ca")
 
 #: Flower frees a node that stopped without saying goodbye after HEARTBEAT_PATIENCE (2) missed
-#: heartbeats of HEARTBEAT_DEFAULT_INTERVAL (30 s), i.e. up to 60 s after its last heartbeat.
-NODE_RELEASE_SECONDS = 60
+#: heartbeats of the interval the SuperNode announced (15 s, set by autosam_fl.supernode_polling; Flower's
+#: own default is 30 s), i.e. up to 30 s after its last heartbeat.
+NODE_RELEASE_SECONDS = int(HEARTBEAT_PATIENCE * HEARTBEAT_SECONDS)
 
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
 #: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).

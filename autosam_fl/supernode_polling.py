@@ -16,6 +16,16 @@ local state for it every 0.5 s.
 every 3 s (a TLS request the SuperLink answers on one core: keep it >= 1 s for many sites). When
 Flower's module no longer looks as expected (another version), nothing is patched and a warning says
 so: the SuperNode then runs with Flower's own 3 s.
+
+The same launcher shortens the SuperNode's **heartbeat interval** from Flower's 30 s
+(``flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL``, read by ``flwr.supernode.fleet_http_connection``,
+which announces it to the SuperLink, and by ``flwr.supercore.heartbeat``, which paces the heartbeats) to
+:data:`HEARTBEAT_SECONDS`. The SuperLink keeps a node online for ``HEARTBEAT_PATIENCE`` (2) intervals
+after its last heartbeat, so a site killed without signing off is noticed by the coordinator, and its
+key is free for a restarted site, after at most 2 x 15 = 30 s instead of 60 s. Cost: one heartbeat
+request per site every ~8 s ((interval - 5 s call timeout) x 0.7-0.9) instead of every ~20 s. The
+SuperLink accepts 10-1800 s (``HEARTBEAT_MIN_INTERVAL``/``MAX``). Unknown layouts keep 30 s, with a
+warning.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ import warnings
 POLL_SECONDS = 1.0
 #: Environment variable that sets the cap for :func:`main` (seconds, > 0).
 POLL_ENV = "AUTOSAM_SUPERNODE_POLL_SECONDS"
+#: Heartbeat interval the SuperNode announces and keeps, in seconds (Flower's own: 30; SuperLink range 10-1800).
+HEARTBEAT_SECONDS = 15.0
+#: Missed intervals after which the SuperLink marks a node offline (``flwr.common.constant.HEARTBEAT_PATIENCE``).
+HEARTBEAT_PATIENCE = 2
 
 
 class CappedSleepTime:
@@ -74,6 +88,24 @@ def install(cap: float = POLL_SECONDS) -> bool:
     return True
 
 
+def install_heartbeat(seconds: float = HEARTBEAT_SECONDS) -> bool:
+    """Make the SuperNode of this process announce and keep a ``seconds`` heartbeat interval.
+
+    Returns:
+        True when both Flower modules were patched; False when either lacks a numeric module-level
+        ``HEARTBEAT_DEFAULT_INTERVAL`` (another Flower version): then nothing is changed.
+    """
+    import flwr.supercore.heartbeat as pace
+    import flwr.supernode.fleet_http_connection as conn
+
+    modules = (conn, pace)
+    if not all(isinstance(getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)) for m in modules):
+        return False
+    for m in modules:
+        m.HEARTBEAT_DEFAULT_INTERVAL = float(seconds)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``argv[0]`` is the ``flower-supernode`` script to run, the rest its arguments.
 
@@ -98,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     if not install(cap):
         warnings.warn("flwr.supernode.start_client_internal has no module-level `time` (not Flower 1.42?): "
                       "the SuperNode keeps Flower's 3 s idle poll", RuntimeWarning, stacklevel=1)
+    if not install_heartbeat():
+        warnings.warn("Flower's SuperNode has no module-level HEARTBEAT_DEFAULT_INTERVAL (not Flower 1.42?): it keeps "
+                      "Flower's 30 s heartbeat, so a killed site's key is released after up to 60 s",
+                      RuntimeWarning, stacklevel=1)
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")
 

@@ -12,8 +12,8 @@ Slow rounds come from ``tests/fault_injection.py`` (``AUTOSAM_TEST_FAULT`` in th
 environment), never from a product hook.
 
 Wall time: the killed site cannot rejoin before Flower releases its node (the SuperLink keeps a node that
-stopped without signing off online for up to 2 x 30 s heartbeats, ``flwr.common.constant``, not
-configurable from the command line), so the first test takes about 1.5-2 minutes even on an idle machine.
+stopped without signing off online for up to 2 x 15 s heartbeats, the interval ``autosam-client`` sets in
+``autosam_fl/supernode_polling.py``), so the first test cannot take less than about 40 s.
 """
 
 from __future__ import annotations

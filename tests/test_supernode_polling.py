@@ -47,6 +47,33 @@ def test_install_leaves_an_unexpected_layout_alone(monkeypatch):
     assert not hasattr(loop, "time")
 
 
+def test_install_heartbeat_sets_the_interval_flower_announces_and_paces(monkeypatch):
+    import flwr.common.constant as const
+    import flwr.supercore.heartbeat as pace
+    import flwr.supernode.fleet_http_connection as conn
+
+    assert conn.HEARTBEAT_DEFAULT_INTERVAL == pace.HEARTBEAT_DEFAULT_INTERVAL == 30  # Flower 1.42's default
+    assert const.HEARTBEAT_MIN_INTERVAL <= sp.HEARTBEAT_SECONDS <= const.HEARTBEAT_MAX_INTERVAL  # SuperLink accepts it
+    assert const.HEARTBEAT_PATIENCE == sp.HEARTBEAT_PATIENCE
+    monkeypatch.setattr(conn, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    monkeypatch.setattr(pace, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert sp.install_heartbeat(12.0) is True
+    assert conn.HEARTBEAT_DEFAULT_INTERVAL == pace.HEARTBEAT_DEFAULT_INTERVAL == 12.0
+    assert const.HEARTBEAT_DEFAULT_INTERVAL == 30  # Flower's constant itself (the SuperLink's side) untouched
+    from autosam_fl.connect import NODE_RELEASE_SECONDS
+    assert NODE_RELEASE_SECONDS == sp.HEARTBEAT_PATIENCE * sp.HEARTBEAT_SECONDS == 30
+
+
+def test_install_heartbeat_leaves_an_unexpected_layout_alone(monkeypatch):
+    import flwr.supercore.heartbeat as pace
+    import flwr.supernode.fleet_http_connection as conn
+
+    monkeypatch.setattr(pace, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    monkeypatch.delattr(conn, "HEARTBEAT_DEFAULT_INTERVAL")
+    assert sp.install_heartbeat() is False
+    assert pace.HEARTBEAT_DEFAULT_INTERVAL == 30
+
+
 def test_main_without_a_script_prints_usage():
     with pytest.raises(SystemExit) as e:
         sp.main([])
@@ -63,7 +90,9 @@ def _run_fake(tmp_path, env_cap=None):
         import flwr.supernode.start_client_internal as loop
         t0 = time.monotonic()
         loop.time.sleep(3)
-        print(sys.argv[0].endswith("fake-supernode"), " ".join(sys.argv[1:]), time.monotonic() - t0, sep="|")
+        import flwr.supernode.fleet_http_connection as conn
+        print(sys.argv[0].endswith("fake-supernode"), " ".join(sys.argv[1:]), time.monotonic() - t0,
+              conn.HEARTBEAT_DEFAULT_INTERVAL, sep="|")
         sys.exit(7)
     """))
     env = {k: v for k, v in os.environ.items() if k != sp.POLL_ENV}
@@ -76,8 +105,8 @@ def _run_fake(tmp_path, env_cap=None):
 def test_main_runs_the_script_with_its_arguments_and_the_default_cap(tmp_path):
     out = _run_fake(tmp_path)
     assert out.returncode == 7, out.stderr
-    ok, args, waited = out.stdout.strip().split("|")
-    assert ok == "True" and args == "--superlink h:1"
+    ok, args, waited, heartbeat = out.stdout.strip().split("|")
+    assert ok == "True" and args == "--superlink h:1" and float(heartbeat) == sp.HEARTBEAT_SECONDS
     assert sp.POLL_SECONDS - 0.05 <= float(waited) < sp.POLL_SECONDS + 0.5  # Flower's 3 s, capped at 1 s
 
 
