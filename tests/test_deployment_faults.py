@@ -145,14 +145,14 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
     fed = make_federation(tmp_path, sites={s: 2 for s in sites}, rounds=3, min_sites=2, round_timeout=240)
     run_dir = tmp_path / "runs" / "fedtest"
     # Round 3 of the first coordinator is slow at the sites, so the kill lands after round 2's checkpoint and
-    # before round 3's. The sites give up 15 s after their SuperLink went away (--max-wait-time) and exit 4.
-    slow = simulation_env("*@3:sleep=30")
+    # before round 3's. The sites give up 5 s after their SuperLink went away (--max-wait-time) and exit 4.
+    slow = simulation_env("*@3:sleep=10")
     t0 = time.time()
     with Deployment(tmp_path, sites) as d:
         server = d.server(fed, sites, "--timeout", "900")
         d.wait_for("server", "registered sites", START)
         for s in sites:
-            d.client(s, tmp_path / "sites" / f"{s}.yaml", "--max-wait-time", "15", env=slow)
+            d.client(s, tmp_path / "sites" / f"{s}.yaml", "--max-wait-time", "5", env=slow)
         d.wait_for("server", "round 2/3", 2 * START)
         for s in sites:
             d.wait_for(s, "round 3/3: training ...", START)
