@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 VARIANTS["sam_head_tanh_dilated"] = ({"preset": "sam_head", "output": "tanh", "head_dilated": True, "refine": "none"},
                                      "constant")
+# Head width (session 8): the 128-channel head lost 6 points against 256, so try wider.
+VARIANTS["sam_head_tanh_c512"] = ({"preset": "sam_head", "output": "tanh", "head_channels": 512, "refine": "none"},
+                                  "constant")
 # Variants trained with another learning rate than --lr (same data, steps and seed).
 VARIANT_LR = {"sam_head_offset_lr1e-3": 1e-3, "sam_head_tanh_lr1e-3": 1e-3}
 VARIANTS["sam_head_offset_lr1e-3"] = ({"preset": "sam_head", "output": "offset", "refine": "none"}, "constant")

@@ -51,6 +51,10 @@ def format_federation_summary(summary: dict) -> str:
     lines += ["", "sites: " + ", ".join(f"{k} ({n} training images, {mb.get(k, 0):.0f} MB per round)"
                                         for k, n in sites.items()),
               f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"]
+    kept = next((r for r in rounds if best and r["round"] == best.get("round")), None)
+    if kept is not None:  # the model the run keeps (checkpoints/best.pt), chosen on the sites' validation only
+        lines.append(f"model kept: round {kept['round']} (checkpoints/best.pt, chosen on the sites' validation): "
+                     + ", ".join(f"{n} {100 * kept['benchmarks'][n]['dice']:.1f}" for n in names) + " Dice (%)")
     for site, d in (summary.get("privacy") or {}).items():  # DP federation: epsilon spent per site
         per_round = ", ".join(f"r{r['round']} " + (f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "inf")
                               for r in d.get("rounds", []))

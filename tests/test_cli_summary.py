@@ -14,6 +14,12 @@ def test_federation_summary_table():
     assert "| 0 | 0.0 / 0.0 | - |" in text
     assert "| 1 | 50.0 / 25.0 | 25.0 |" in text
     assert "s1 (24 training images, 335 MB per round)" in text and "best round on validation: 1" in text
+    # The model the run keeps is named with its own row's Dice, not the last round's.
+    summary["rounds"].append({"round": 2, "benchmarks": bench(0.3), "validation": {"dice": 0.2}})
+    text = format_federation_summary(summary)
+    assert "model kept: round 1 (checkpoints/best.pt, chosen on the sites' validation): A 50.0 Dice (%)" in text
+    del summary["best"]
+    assert "model kept" not in format_federation_summary(summary)
 
 
 def test_evaluation_table_in_percent():
