@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     console = RoundConsole(site.site_id)
     site_app.PROGRESS = True
     worker = SiteWorker(flwr_home / "worker", console).start()
+    # Round 1 would otherwise import the trainer and model code itself; do it while the SuperNode connects.
+    threading.Thread(target=site_app.preload, args=(site.privacy is not None,), name="preload", daemon=True).start()
     node_values: dict = {P.NODE_SITE_CONFIG: str(site_path), P.NODE_SITE_WORKER: worker.address,
                          P.NODE_SITE_ID: site.site_id}
     if args.audit:

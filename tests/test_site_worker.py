@@ -154,3 +154,18 @@ def test_clientapp_handles_in_process_without_a_site_worker(monkeypatch, tmp_pat
         worker.close()
     with pytest.raises(RuntimeError, match=r"^\[site a\] round 1: WorkerUnavailable: .*not reachable"):
         entry.train(_message(1), ctx)
+
+
+def test_preload_imports_what_round_1_needs_without_building_a_model():
+    """autosam-client runs client.app.preload in a thread while its SuperNode connects: afterwards the
+    trainer, model factory, evaluation and timm are imported (Opacus only for a DP site) and no model exists."""
+    code = ("import sys, client.app as a\n"
+            "mods = ['timm', 'autosam_core.training', 'autosam_core.model_factory', 'autosam_core.evaluation']\n"
+            "before = [m in sys.modules for m in mods]\n"
+            "seconds = a.preload(dp=False)\n"
+            "print(before, [m in sys.modules for m in mods], 'autosam_core.privacy' in sys.modules,\n"
+            "      len(a._MODELS), seconds > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[False, False, False, False] [True, True, True, True] False 0 True"
