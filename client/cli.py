@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = None  # the SuperNode's exit code when the connection ended before the run finished
     gave_up = False  # the SuperLink stayed unreachable for --max-wait-time during the run
     rc = 0
+    run_done = threading.Event()  # set when the run's last reply was sent: the SuperNode's shutdown noise is not echoed
     try:
         if owner is not None:
             print(f"error: site {site.site_id}: another autosam-client (pid {owner}) is connected to {args.superlink} "
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             events: queue.Queue = queue.Queue()
             proc = tracker.popen("flower-supernode", cmd, pipe=True,
                                  env=flower_env(flwr_home, {POLL_ENV: str(args.poll_interval)}))
-            reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose), daemon=True)
+            reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose, run_done), daemon=True)
             reader.start()
             activation_failed = connected = False
             next_beat, stop_at = 0.0, None
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                     stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS  # let the error reply reach the SuperLink
                 elif what == SENT and console.done_runs and not args.serve and not finished and refusal is None:
                     finished = True
+                    run_done.set()
                     print(f"[autosam] site {site.site_id}: run {max(console.done_runs)} finished; last reply sent. "
                           "Stopping (use --serve to keep serving the next runs)", flush=True)
                     # The SuperNode logs "sent" when the ClientApp handed it the reply; it still has to
@@ -397,8 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _pump(stream, events: queue.Queue, verbose: bool) -> None:
-    """Echo the SuperNode's output (all of it with --verbose, else warnings/errors) and classify it."""
+def _pump(stream, events: queue.Queue, verbose: bool, done: threading.Event | None = None) -> None:
+    """Echo the SuperNode's output (all of it with --verbose, else warnings/errors) and classify it.
+
+    Once ``done`` is set (the run's last reply was sent and this CLI is stopping the SuperNode), Flower's
+    reconnection warnings and the bare "Traceback" headers of its stopping threads are no longer echoed:
+    they describe the shutdown, not a problem. ERROR lines always are.
+    """
     from autosam_fl.connect import classify_supernode_line
 
     # Flower's children inherit the pipe, so EOF may come long after the SuperNode exits: read in a
@@ -408,7 +415,8 @@ def _pump(stream, events: queue.Queue, verbose: bool) -> None:
             what = classify_supernode_line(line)
             if what:
                 events.put(what)
-            if verbose or "ERROR" in line or "WARNING" in line or "Traceback" in line:
+            quiet = done is not None and done.is_set()
+            if verbose or "ERROR" in line or (not quiet and ("WARNING" in line or "Traceback" in line)):
                 print(line, end="", flush=True)
     except (ValueError, OSError):  # the pipe was closed by tracker.stop()
         pass

@@ -169,3 +169,25 @@ def test_preload_imports_what_round_1_needs_without_building_a_model():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "[False, False, False, False] [True, True, True, True] False 0 True"
+
+
+def test_supernode_shutdown_noise_is_not_echoed_after_the_last_reply(capsys):
+    """Before the run's last reply every warning and Traceback header of the SuperNode is echoed; after it
+    (this CLI is stopping the SuperNode) only ERROR lines are, so a finished site does not end on a bare
+    'Traceback (most recent call last):'."""
+    import io
+    import queue
+    import threading
+
+    from client.cli import _pump
+
+    lines = ["WARNING :   Connection attempt failed, retrying in 0.5 seconds\n", "Traceback (most recent call last):\n",
+             "ERROR :     Failed to send message abc\n", "INFO :      Sent successfully\n"]
+    done = threading.Event()
+    _pump(io.StringIO("".join(lines)), queue.Queue(), False, done)
+    assert capsys.readouterr().out == "".join(lines[:3])
+    done.set()
+    events = queue.Queue()
+    _pump(io.StringIO("".join(lines)), events, False, done)
+    assert capsys.readouterr().out == lines[2]
+    assert events.get_nowait() == "sent"  # still classified
