@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,6 @@ from pathlib import Path
 
 log = logging.getLogger("autosam.server")
 
-APP_DIR = Path(__file__).resolve().parents[1]
 
 
 class FlowerProcessError(RuntimeError):
@@ -350,8 +350,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def submit_run(tracker: ProcessTracker, *, connection: str, env: dict, run_config: dict, log_path: Path,
                federation_config: dict | None = None, echo: Callable[[str], None] | None = None,
-               timeout: float | None = None, app_dir: Path = APP_DIR) -> int:
+               timeout: float | None = None, app_dir: Path | None = None) -> int:
     """``flwr run <app_dir> <connection> --stream`` with the run config written to a TOML file.
+
+    ``app_dir`` None: the bundle's files are staged into a new folder under ``$FLWR_HOME`` first
+    (:func:`autosam_fl.app_bundle.stage_app`), so Flower does not walk the clone's ``.venv`` and cache.
 
     Every output line goes to ``log_path``; ``echo`` receives each line (ANSI colours removed).
 
@@ -365,6 +368,9 @@ def submit_run(tracker: ProcessTracker, *, connection: str, env: dict, run_confi
     import tomli_w
 
     flwr_home = Path(env["FLWR_HOME"])
+    if app_dir is None:
+        from .app_bundle import stage_app
+        app_dir = stage_app(Path(tempfile.mkdtemp(prefix="app-", dir=flwr_home)))
     rc_path = flwr_home / "run_config.toml"
     rc_path.write_text(tomli_w.dumps(run_config))
     cmd = [flower_bin("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(rc_path)]
