@@ -39,9 +39,19 @@ REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
 #: own default is 30 s), i.e. up to 30 s after its last heartbeat.
 NODE_RELEASE_SECONDS = int(HEARTBEAT_PATIENCE * HEARTBEAT_SECONDS)
 
+
+
+def release_seconds(heartbeat_seconds: float | None = None) -> float:
+    """Seconds after its last heartbeat that the SuperLink keeps a node online that stopped without signing
+    off: ``HEARTBEAT_PATIENCE`` x the interval the node announced (default :data:`HEARTBEAT_SECONDS`)."""
+    return HEARTBEAT_PATIENCE * float(heartbeat_seconds or HEARTBEAT_SECONDS)
+
+
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
 #: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).
 GAVE_UP = "gave-up"
+#: A request of the SuperNode to its SuperLink failed and Flower retries it ("Connection attempt failed").
+RETRYING = "retrying"
 
 
 @dataclass
@@ -136,6 +146,8 @@ def classify_supernode_line(line: str) -> str | None:
         return SENT
     if "Giving up reconnection after" in line:
         return GAVE_UP
+    if "Connection attempt failed" in line:
+        return RETRYING
     return None
 
 
@@ -147,10 +159,12 @@ class ConnectionMarker:
     Args:
         path: the marker file.
         superlink: ``HOST:PORT`` the site connects to (a marker of another SuperLink is ignored).
+        heartbeat_seconds: the heartbeat interval this site's SuperNode announces (``--heartbeat-interval``);
+            written into the marker, so a restarted site waits for the interval its killed predecessor used.
     """
 
-    def __init__(self, path: Path, superlink: str):
-        self.path, self.superlink = Path(path), superlink
+    def __init__(self, path: Path, superlink: str, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        self.path, self.superlink, self.heartbeat_seconds = Path(path), superlink, float(heartbeat_seconds)
 
     def beat(self, node_id: int | None = None) -> None:
         """Record that the connection is alive now (atomic write)."""
@@ -158,7 +172,7 @@ class ConnectionMarker:
         import time
 
         atomic_write_json(self.path, {"superlink": self.superlink, "node_id": node_id, "alive_at": time.time(),
-                                      "pid": os.getpid()}, mode=0o644)
+                                      "pid": os.getpid(), "heartbeat_seconds": self.heartbeat_seconds}, mode=0o644)
 
     def clear(self) -> None:
         """The site signed off (its SuperNode deactivated the node): forget the connection."""
@@ -188,7 +202,8 @@ class ConnectionMarker:
         return pid
 
     def release_in(self) -> float | None:
-        """Seconds until the SuperLink releases the previous connection; None if there is none to wait for."""
+        """Seconds until the SuperLink releases the previous connection (its last beat + 2 of the heartbeat
+        intervals it announced + 5 s); None if there is none to wait for."""
         import json
         import time
 
@@ -198,7 +213,7 @@ class ConnectionMarker:
             return None
         if data.get("superlink") != self.superlink:
             return None
-        left = float(data.get("alive_at", 0)) + NODE_RELEASE_SECONDS + 5 - time.time()
+        left = float(data.get("alive_at", 0)) + release_seconds(data.get("heartbeat_seconds")) + 5 - time.time()
         return left if left > 0 else None
 
 

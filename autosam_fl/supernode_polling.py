@@ -20,7 +20,7 @@ so: the SuperNode then runs with Flower's own 3 s.
 The same launcher shortens the SuperNode's **heartbeat interval** from Flower's 30 s
 (``flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL``, read by ``flwr.supernode.fleet_http_connection``,
 which announces it to the SuperLink, and by ``flwr.supercore.heartbeat``, which paces the heartbeats) to
-:data:`HEARTBEAT_SECONDS`. The SuperLink keeps a node online for ``HEARTBEAT_PATIENCE`` (2) intervals
+:data:`HEARTBEAT_SECONDS` (``$AUTOSAM_SUPERNODE_HEARTBEAT_SECONDS``, ``autosam-client --heartbeat-interval``). The SuperLink keeps a node online for ``HEARTBEAT_PATIENCE`` (2) intervals
 after its last heartbeat, so a site killed without signing off is noticed by the coordinator, and its
 key is free for a restarted site, after at most 2 x 15 = 30 s instead of 60 s. Cost: one heartbeat
 request per site every ~8 s ((interval - 5 s call timeout) x 0.7-0.9) instead of every ~20 s. The
@@ -42,6 +42,10 @@ POLL_SECONDS = 1.0
 POLL_ENV = "AUTOSAM_SUPERNODE_POLL_SECONDS"
 #: Heartbeat interval the SuperNode announces and keeps, in seconds (Flower's own: 30; SuperLink range 10-1800).
 HEARTBEAT_SECONDS = 15.0
+#: Environment variable that sets the heartbeat interval for :func:`main` (seconds, 10-1800).
+HEARTBEAT_ENV = "AUTOSAM_SUPERNODE_HEARTBEAT_SECONDS"
+#: Heartbeat intervals the SuperLink accepts (``flwr.common.constant.HEARTBEAT_MIN_INTERVAL``/``MAX``), seconds.
+HEARTBEAT_RANGE = (10.0, 1800.0)
 #: Missed intervals after which the SuperLink marks a node offline (``flwr.common.constant.HEARTBEAT_PATIENCE``).
 HEARTBEAT_PATIENCE = 2
 
@@ -109,11 +113,13 @@ def install_heartbeat(seconds: float = HEARTBEAT_SECONDS) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``argv[0]`` is the ``flower-supernode`` script to run, the rest its arguments.
 
-    The cap is ``$AUTOSAM_SUPERNODE_POLL_SECONDS`` when set, else :data:`POLL_SECONDS`.
+    The cap is ``$AUTOSAM_SUPERNODE_POLL_SECONDS`` when set, else :data:`POLL_SECONDS`; the heartbeat
+    interval ``$AUTOSAM_SUPERNODE_HEARTBEAT_SECONDS`` when set, else :data:`HEARTBEAT_SECONDS`.
 
     Raises:
-        SystemExit: with usage (code 2) when no script is given or the variable is not a positive
-        number; otherwise the SuperNode's own exit.
+        SystemExit: with usage (code 2) when no script is given, the poll variable is not a positive
+        number or the heartbeat variable is not a number in :data:`HEARTBEAT_RANGE`; otherwise the
+        SuperNode's own exit.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -127,10 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         print(f"error: {POLL_ENV} must be a number of seconds > 0, found {raw!r}", file=sys.stderr)
         raise SystemExit(2) from None
+    raw_hb = os.environ.get(HEARTBEAT_ENV, "")
+    try:
+        heartbeat = float(raw_hb) if raw_hb.strip() else HEARTBEAT_SECONDS
+        if not HEARTBEAT_RANGE[0] <= heartbeat <= HEARTBEAT_RANGE[1]:
+            raise ValueError
+    except ValueError:
+        print(f"error: {HEARTBEAT_ENV} must be a number of seconds in {HEARTBEAT_RANGE[0]:g}-{HEARTBEAT_RANGE[1]:g} "
+              f"(the SuperLink's range), found {raw_hb!r}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not install(cap):
         warnings.warn("flwr.supernode.start_client_internal has no module-level `time` (not Flower 1.42?): "
                       "the SuperNode keeps Flower's 3 s idle poll", RuntimeWarning, stacklevel=1)
-    if not install_heartbeat():
+    if not install_heartbeat(heartbeat):
         warnings.warn("Flower's SuperNode has no module-level HEARTBEAT_DEFAULT_INTERVAL (not Flower 1.42?): it keeps "
                       "Flower's 30 s heartbeat, so a killed site's key is released after up to 60 s",
                       RuntimeWarning, stacklevel=1)

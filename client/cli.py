@@ -52,10 +52,12 @@ from pathlib import Path
 from autosam_core.config import ConfigError, SiteConfig, load_yaml_config
 
 from autosam_fl import protocol as P
-from autosam_fl.supernode_polling import POLL_ENV, POLL_SECONDS
+from autosam_fl.supernode_polling import (HEARTBEAT_ENV, HEARTBEAT_PATIENCE, HEARTBEAT_RANGE, HEARTBEAT_SECONDS,
+                                          POLL_ENV, POLL_SECONDS)
 
 EXIT_CONFIG, EXIT_REFUSED, EXIT_CONNECT = 2, 3, 4
-#: Seconds the SuperNode keeps running after the run's last reply, so that it reaches the SuperLink.
+#: Seconds the SuperNode keeps running after the run's last reply, so that the coordinator fetches it before
+#: the node signs off; cut short when the SuperLink stops answering (the coordinator has finished).
 FINAL_REPLY_GRACE_SECONDS = 10.0
 
 #: Default of --max-wait-time: how long a site waits for a coordinator that is not listening yet.
@@ -85,6 +87,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"how often an idle site asks the SuperLink for a message (default {POLL_SECONDS:g} s; "
                     "Flower's own is 3 s): each message of a round waits half of it on average; every idle site "
                     "sends one request per interval")
+    ap.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+                    help=f"heartbeat interval this site's SuperNode announces (default {HEARTBEAT_SECONDS:g} s, "
+                    f"Flower's own 30 s; the SuperLink accepts {HEARTBEAT_RANGE[0]:g}-{HEARTBEAT_RANGE[1]:g}): a site "
+                    f"that stops without signing off is declared lost, and its key is free again, "
+                    f"{HEARTBEAT_PATIENCE} intervals after its last heartbeat; shorter means one more request to the "
+                    "SuperLink per interval")
     ap.add_argument("--verbose", action="store_true", help="echo all of Flower's SuperNode output")
     ap.add_argument("--audit", action="store_true", help="check every reply against the allow-list before it is "
                     "sent (a violation blocks it) and record what left the site in audit-<site_id>.md/.json")
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-client`` (see module docstring)."""
     import tomli_w
 
-    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, NODE_RELEASE_SECONDS, SENT,
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, RETRYING, SENT,
                                     ConnectionMarker, marker_path, split_address)
     from autosam_fl.guard import Guard
     from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port,
@@ -235,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             audit_dir.mkdir(parents=True, exist_ok=True)
         if not args.poll_interval > 0:
             raise ConfigError(f"--poll-interval: expected a number of seconds > 0, found {args.poll_interval}")
+        if not HEARTBEAT_RANGE[0] <= args.heartbeat_interval <= HEARTBEAT_RANGE[1]:
+            raise ConfigError(f"--heartbeat-interval: expected {HEARTBEAT_RANGE[0]:g}-{HEARTBEAT_RANGE[1]:g} seconds "
+                              f"(the SuperLink's range), found {args.heartbeat_interval:g}")
         if args.threads is not None:
             if args.threads < 1:
                 raise ConfigError(f"--threads: expected a whole number >= 1, found {args.threads}")
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     state_dir = site_app.site_state_dir(site, site_path)
     marker = ConnectionMarker(marker_path(state_dir, site.site_id, Path(args.auth_key)) if args.auth_key
-                              else flwr_home / "connection.json", args.superlink)
+                              else flwr_home / "connection.json", args.superlink,
+                              heartbeat_seconds=args.heartbeat_interval)
     owner = marker.live_owner()
     refused = finished = waited = False
     refusal = None  # (run id, why) when this site refused the run (exit 2 after its error reply is sent)
@@ -300,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             events: queue.Queue = queue.Queue()
             proc = tracker.popen("flower-supernode", cmd, pipe=True,
-                                 env=flower_env(flwr_home, {POLL_ENV: str(args.poll_interval)}))
+                                 env=flower_env(flwr_home, {POLL_ENV: str(args.poll_interval),
+                                                           HEARTBEAT_ENV: str(args.heartbeat_interval)}))
             reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose, run_done), daemon=True)
             reader.start()
             activation_failed = connected = False
-            next_beat, stop_at = 0.0, None
+            next_beat, stop_at, failures_after_done = 0.0, None, 0
             while proc.poll() is None or not events.empty():
                 if connected and time.monotonic() >= next_beat:
                     marker.beat()
@@ -341,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
                     # The SuperNode logs "sent" when the ClientApp handed it the reply; it still has to
                     # push it to the SuperLink (stopping at once lost site replies: "Node Unavailable").
                     stop_at = time.monotonic() + FINAL_REPLY_GRACE_SECONDS
+                elif what == RETRYING and finished and stop_at is not None:
+                    # The SuperLink no longer answers after the run's last reply (the coordinator stopped it):
+                    # nothing is left to deliver, so the grace need not run out. Two failed attempts, not one
+                    # (Flower retries after 0.2-1.5 s), so one dropped request does not cut it short.
+                    failures_after_done += 1
+                    if failures_after_done == 2:
+                        stop_at = time.monotonic()
+                        if args.verbose:
+                            print(f"[autosam] site {site.site_id}: the SuperLink stopped answering after the run's "
+                                  "last reply (the coordinator has finished); stopping now", flush=True)
             rc = 0 if finished else proc.returncode
             if refusal is not None:
                 rc = EXIT_CONFIG
@@ -360,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     waited = True
                     print(f"[autosam] site {site.site_id}: the previous connection of this site is still active on "
                           f"the SuperLink (it stopped without signing off; Flower releases it after "
-                          f"{NODE_RELEASE_SECONDS} s without heartbeats); retrying in {wait:.0f} s", flush=True)
+                          f"{HEARTBEAT_PATIENCE} missed heartbeats); retrying in {wait:.0f} s", flush=True)
                     tracker.stop()
                     time.sleep(wait)
                     tracker = ProcessTracker(guard=guard)

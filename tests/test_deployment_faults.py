@@ -12,8 +12,8 @@ Slow rounds come from ``tests/fault_injection.py`` (``AUTOSAM_TEST_FAULT`` in th
 environment), never from a product hook.
 
 Wall time: the killed site cannot rejoin before Flower releases its node (the SuperLink keeps a node that
-stopped without signing off online for up to 2 x 15 s heartbeats, the interval ``autosam-client`` sets in
-``autosam_fl/supernode_polling.py``), so the first test cannot take less than about 40 s.
+stopped without signing off online for up to 2 heartbeat intervals: 2 x 10 s here, ``--heartbeat-interval 10``;
+``autosam-client``'s default is 15 s), so the first test cannot take less than about 30 s.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.skipif(
     and shutil.which("flower-superlink") is None,
     reason="flwr binaries (flower-superlink/flower-supernode) are not installed")
 
+#: The shortest heartbeat interval the SuperLink accepts (autosam-client's default: 15 s).
+HEARTBEAT = ("--heartbeat-interval", "10")
 #: Generous: on a loaded 2-core machine (tests under nice) one Flower process takes tens of seconds to start.
 START = 300
 
@@ -98,7 +100,9 @@ def test_site_killed_in_round_2_is_named_then_rejoins(tmp_path):
     with Deployment(tmp_path, sites) as d:
         server = d.server(fed, sites, "--timeout", "900")
         d.wait_for("server", "registered sites", START)
-        clients = {s: d.client(s, tmp_path / "sites" / f"{s}.yaml", env=faults) for s in sites}
+        # A 10 s heartbeat (the SuperLink's shortest): the killed site is declared lost, and its key free, 20 s
+        # after its last heartbeat instead of the default 30 s.
+        clients = {s: d.client(s, tmp_path / "sites" / f"{s}.yaml", *HEARTBEAT, env=faults) for s in sites}
         d.wait_for("site_c", "round 2/4: training ...", 2 * START)
         killed_at = time.time()
         tree = _kill_tree(clients["site_c"])
@@ -107,7 +111,7 @@ def test_site_killed_in_round_2_is_named_then_rejoins(tmp_path):
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
         # Restarted at once with the same key: the SuperLink still holds the old node, the site waits and retries.
-        d.client("site_c", tmp_path / "sites" / "site_c.yaml", name="site_c-restarted")
+        d.client("site_c", tmp_path / "sites" / "site_c.yaml", *HEARTBEAT, name="site_c-restarted")
         out = d.wait_for("site_c-restarted", "connected to", 240)
         rejoin_s = time.time() - killed_at
         rejoined.touch()

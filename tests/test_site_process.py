@@ -82,6 +82,9 @@ def test_connection_failures_name_their_cause(tls_superlink, tmp_path):
     rc, out = _client(d, site, "--superlink", link, "--root-certificates", str(d.certs / "ca.crt"),
                       "--poll-interval", "-1")
     assert rc == 2 and "--poll-interval: expected a number of seconds > 0, found -1" in out, out
+    rc, out = _client(d, site, "--superlink", link, "--root-certificates", str(d.certs / "ca.crt"),
+                      "--heartbeat-interval", "5")
+    assert rc == 2 and "--heartbeat-interval: expected 10-1800 seconds (the SuperLink's range), found 5" in out, out
 
 
 def test_plaintext_superlink_against_tls_site(tmp_path):

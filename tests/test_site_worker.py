@@ -90,8 +90,8 @@ def test_guard_stops_groups_and_removes_folders_when_its_owner_dies(tmp_path):
 
 
 def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
-    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, NODE_RELEASE_SECONDS, ConnectionMarker,
-                                    classify_supernode_line, marker_path)
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, NODE_RELEASE_SECONDS, RETRYING,
+                                    ConnectionMarker, classify_supernode_line, marker_path)
 
     key = tmp_path / "site_a"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n")
@@ -106,11 +106,17 @@ def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
     assert ConnectionMarker(path, "10.0.0.1:9092").release_in() is None  # another SuperLink
     marker.clear()
     assert not path.exists() and marker.release_in() is None
+    # A site that announced a 10 s heartbeat is released after 2 x 10 s: its restarted successor reads that.
+    ConnectionMarker(path, "127.0.0.1:9092", heartbeat_seconds=10).beat()
+    left = ConnectionMarker(path, "127.0.0.1:9092").release_in()
+    assert 20 < left <= 25, left
+    marker.clear()
     assert classify_supernode_line("[code: 2004] Failed to activate SuperNode.") == ACTIVATION_FAILED
     assert classify_supernode_line("INFO :      SuperNode ID: 123") == CONNECTED
     assert classify_supernode_line("INFO :      Received: train message") is None
     # Flower 1.42's line when its retries ran past --max-wait-time (it then retries again, forever)
     assert classify_supernode_line("WARNING :   Giving up reconnection after 15.00 seconds and 8 tries.") == GAVE_UP
+    assert classify_supernode_line("WARNING :   Connection attempt failed, retrying in 0.18 seconds") == RETRYING
 
 
 def test_probe_names_refused_and_bad_address(tmp_path):
@@ -190,4 +196,4 @@ def test_supernode_shutdown_noise_is_not_echoed_after_the_last_reply(capsys):
     events = queue.Queue()
     _pump(io.StringIO("".join(lines)), events, False, done)
     assert capsys.readouterr().out == lines[2]
-    assert events.get_nowait() == "sent"  # still classified
+    assert [events.get_nowait() for _ in range(2)] == ["retrying", "sent"]  # still classified

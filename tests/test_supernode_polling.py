@@ -80,7 +80,7 @@ def test_main_without_a_script_prints_usage():
     assert e.value.code == 2
 
 
-def _run_fake(tmp_path, env_cap=None):
+def _run_fake(tmp_path, env_cap=None, env_heartbeat=None):
     import os
 
     script = tmp_path / "fake-supernode"
@@ -95,9 +95,11 @@ def _run_fake(tmp_path, env_cap=None):
               conn.HEARTBEAT_DEFAULT_INTERVAL, sep="|")
         sys.exit(7)
     """))
-    env = {k: v for k, v in os.environ.items() if k != sp.POLL_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (sp.POLL_ENV, sp.HEARTBEAT_ENV)}
     if env_cap is not None:
         env[sp.POLL_ENV] = env_cap
+    if env_heartbeat is not None:
+        env[sp.HEARTBEAT_ENV] = env_heartbeat
     return subprocess.run([sys.executable, "-m", "autosam_fl.supernode_polling", str(script), "--superlink", "h:1"],
                           capture_output=True, text=True, timeout=60, env=env)
 
@@ -116,3 +118,13 @@ def test_the_cap_comes_from_the_environment(tmp_path):
     assert float(out.stdout.strip().split("|")[2]) < 0.6
     bad = _run_fake(tmp_path, "zero")
     assert bad.returncode == 2 and sp.POLL_ENV in bad.stderr and "'zero'" in bad.stderr
+
+
+def test_the_heartbeat_interval_comes_from_the_environment_within_the_superlinks_range(tmp_path):
+    out = _run_fake(tmp_path, env_heartbeat="10")
+    assert out.returncode == 7, out.stderr
+    assert float(out.stdout.strip().split("|")[3]) == 10.0
+    for bad in ("9.5", "1801", "soon"):
+        res = _run_fake(tmp_path, env_heartbeat=bad)
+        assert res.returncode == 2 and sp.HEARTBEAT_ENV in res.stderr and repr(bad) in res.stderr, res.stderr
+        assert "10-1800" in res.stderr
