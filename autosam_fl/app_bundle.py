@@ -38,15 +38,12 @@ def bundle_files(source: Path = APP_DIR) -> list[Path]:
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{pyproject}: [tool.flwr.app] fab-include must be a non-empty list of glob patterns, "
                          f"found {patterns!r}")
-    found = {Path("pyproject.toml")}
-    if (source / ".gitignore").is_file():
-        found.add(Path(".gitignore"))
-    for pattern in patterns:
-        matches = [p for p in source.glob(pattern) if p.is_file() and not p.is_symlink()]
-        found.update(p.relative_to(source) for p in matches)
-    if len(found) <= 2:
+    included = {p.relative_to(source) for pattern in patterns for p in source.glob(pattern)
+                if p.is_file() and not p.is_symlink()}
+    if not included:
         raise ValueError(f"{pyproject}: fab-include {patterns!r} matches no file under {source}")
-    return sorted(found)
+    extra = [Path(".gitignore")] if (source / ".gitignore").is_file() else []
+    return sorted({Path("pyproject.toml"), *extra, *included})
 
 
 def stage_app(dest: Path, source: Path = APP_DIR) -> Path:

@@ -37,8 +37,6 @@ REFUSED, UNREACHABLE, SPEAKS_TLS, NO_TLS, CERT_FAILED, BAD_CA = (
 #: Flower frees a node that stopped without saying goodbye after HEARTBEAT_PATIENCE (2) missed
 #: heartbeats of the interval the SuperNode announced (15 s, set by autosam_fl.supernode_polling; Flower's
 #: own default is 30 s), i.e. up to 30 s after its last heartbeat.
-NODE_RELEASE_SECONDS = int(HEARTBEAT_PATIENCE * HEARTBEAT_SECONDS)
-
 
 
 def release_seconds(heartbeat_seconds: float | None = None) -> float:
@@ -46,6 +44,8 @@ def release_seconds(heartbeat_seconds: float | None = None) -> float:
     off: ``HEARTBEAT_PATIENCE`` x the interval the node announced (default :data:`HEARTBEAT_SECONDS`)."""
     return HEARTBEAT_PATIENCE * float(heartbeat_seconds or HEARTBEAT_SECONDS)
 
+
+NODE_RELEASE_SECONDS = int(release_seconds())
 
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
 #: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).

@@ -32,7 +32,6 @@ from pathlib import Path
 log = logging.getLogger("autosam.server")
 
 
-
 class FlowerProcessError(RuntimeError):
     """A Flower process could not be started or a run did not complete."""
 

@@ -110,6 +110,24 @@ def install_heartbeat(seconds: float = HEARTBEAT_SECONDS) -> bool:
     return True
 
 
+def _seconds_from_env(name: str, default: float, ok, expected: str) -> float:
+    """``$name`` as seconds (``default`` when unset or blank).
+
+    Raises:
+        SystemExit: code 2, naming the variable, what was expected and what was found, when the value is
+        not a number or ``ok(value)`` is false.
+    """
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw.strip() else default
+        if not ok(value):
+            raise ValueError
+    except ValueError:
+        print(f"error: {name} must be a number of seconds {expected}, found {raw!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``argv[0]`` is the ``flower-supernode`` script to run, the rest its arguments.
 
@@ -125,23 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         print("usage: python -m autosam_fl.supernode_polling /path/to/flower-supernode [ARGS...]", file=sys.stderr)
         raise SystemExit(2)
-    raw = os.environ.get(POLL_ENV, "")
-    try:
-        cap = float(raw) if raw.strip() else POLL_SECONDS
-        if not cap > 0:
-            raise ValueError
-    except ValueError:
-        print(f"error: {POLL_ENV} must be a number of seconds > 0, found {raw!r}", file=sys.stderr)
-        raise SystemExit(2) from None
-    raw_hb = os.environ.get(HEARTBEAT_ENV, "")
-    try:
-        heartbeat = float(raw_hb) if raw_hb.strip() else HEARTBEAT_SECONDS
-        if not HEARTBEAT_RANGE[0] <= heartbeat <= HEARTBEAT_RANGE[1]:
-            raise ValueError
-    except ValueError:
-        print(f"error: {HEARTBEAT_ENV} must be a number of seconds in {HEARTBEAT_RANGE[0]:g}-{HEARTBEAT_RANGE[1]:g} "
-              f"(the SuperLink's range), found {raw_hb!r}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cap = _seconds_from_env(POLL_ENV, POLL_SECONDS, lambda v: v > 0, "> 0")
+    lo, hi = HEARTBEAT_RANGE
+    heartbeat = _seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_SECONDS, lambda v: lo <= v <= hi,
+                                  f"in {lo:g}-{hi:g} (the SuperLink's range)")
     if not install(cap):
         warnings.warn("flwr.supernode.start_client_internal has no module-level `time` (not Flower 1.42?): "
                       "the SuperNode keeps Flower's 3 s idle poll", RuntimeWarning, stacklevel=1)

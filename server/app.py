@@ -21,12 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 from autosam_core.config import ConfigError
 
 from autosam_fl import protocol as P
+from autosam_fl.app_bundle import APP_DIR
 
 from .runner import FederatedServer, parse_node_sites
 
 app = ServerApp()
-
-APP_DIR = Path(__file__).resolve().parents[1]
 
 
 def resolve_federation_path(value: str) -> Path:

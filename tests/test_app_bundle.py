@@ -50,3 +50,10 @@ def test_bundle_files_names_the_pyproject_and_the_problem(tmp_path, body, needle
 def test_bundle_files_without_pyproject_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pyproject.toml"):
         bundle_files(tmp_path)
+
+
+def test_bundle_files_with_a_single_match_and_no_gitignore(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app]\nfab-include = ['app.py', 'none/*.py']\n")
+    (tmp_path / "app.py").write_text("x = 1\n")
+    (tmp_path / "other.py").write_text("y = 2\n")
+    assert [p.as_posix() for p in bundle_files(tmp_path)] == ["app.py", "pyproject.toml"]
