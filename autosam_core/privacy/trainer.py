@@ -88,8 +88,11 @@ def _drop_opacus_attrs(module: nn.Module) -> None:
                 delattr(p, attr)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from ``seed``, or from the OS's entropy (:mod:`secrets`) when None.
+    Opacus draws the noise with it on the parameters' device, so the noise generator must live there
+    (a CPU generator for CUDA parameters raises "Expected a 'cuda' device type for generator")."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else int(seed))
 
 
 def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size: int, noise_multiplier: float,
@@ -151,7 +154,8 @@ def dp_train_epochs(model: AutoSam, dataset: Dataset, *, epochs: int, batch_size
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     sampling_gen = _generator(insecure_seed)
-    noise_gen = _generator(None if insecure_seed is None else insecure_seed + 1)
+    noise_gen = _generator(None if insecure_seed is None else insecure_seed + 1,
+                           device=next(g.parameters()).device)  # noise is drawn where g's parameters are
     sampler = UniformWithReplacementSampler(num_samples=n_records, sample_rate=q, generator=sampling_gen, steps=k)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none, num_workers=0)
     was_training = g.training
