@@ -1,0 +1,95 @@
+"""FedAvg in one process, without Flower: a quick way to compare federated recipes (issue 10).
+
+    .venv/bin/python benchmarks/fed_emulation.py sites/polyp/federation_cpu.yaml [--rounds 12]
+        [--local-epochs 1] [--mu 0.0] [--device auto] [--json out.json]
+
+Every round, each site of the federation YAML trains the global trainable state with the project's
+own :class:`autosam_core.training.SiteTrainer` (seed = federation seed + round, as ``client.app``
+does), the states are averaged with :func:`server.aggregation.weighted_average` weighted by each
+site's num-examples (FedAvg, McMahan et al. 2017, eq. of Algorithm 1), and the global model is
+validated on the sites' held-out splits (image-weighted mean Dice, as the server's federated
+evaluation). The best round on validation is then evaluated once on the federation's ``evaluate``
+list (test splits: reported, never used to choose). Sites share one SAM and one model object; what
+this leaves out of a real federation is only transport (Flower messages, wire dtype float32).
+
+Prints one JSON object: per-round validation Dice and loss per site, the best round, its test Dice
+per benchmark, and wall seconds. Use it on a GPU machine to explore budgets in minutes; numbers
+for the project's claims come from ``autosam simulate`` on the target machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autosam_core.config import FederationConfig, SiteConfig, load_yaml_config  # noqa: E402
+from autosam_core.evaluation import CentralEvaluator, evaluate_pairs  # noqa: E402
+from autosam_core.model_factory import build_autosam  # noqa: E402
+from autosam_core.training import SiteTrainer  # noqa: E402
+from server.aggregation import weighted_average  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("federation")
+    ap.add_argument("--rounds", type=int, help="override the YAML's rounds")
+    ap.add_argument("--local-epochs", type=int, help="override every site's local_epochs")
+    ap.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = FedAvg)")
+    ap.add_argument("--seed", type=int, help="override the YAML's seed (g's initialisation, data order)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args()
+    fed_path = Path(args.federation).resolve()
+    fed = load_yaml_config(fed_path, FederationConfig)
+    if args.seed is not None:
+        fed = fed.model_copy(update={"seed": args.seed})
+    rounds = args.rounds or fed.rounds
+    t0 = time.time()
+    model = build_autosam(fed.sam, fed.model, seed=fed.seed)
+    trainers = []
+    for rel in fed.sites:
+        site_path = (fed_path.parent / rel).resolve()
+        site = load_yaml_config(site_path, SiteConfig).model_copy(update={"device": args.device})
+        trainers.append(SiteTrainer(model, site, base_dir=site_path.parent, progress=False))
+    global_state = {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()}
+    history, best = [], None
+    for rnd in range(1, rounds + 1):
+        states, weights, sites = [], [], {}
+        for tr in trainers:
+            model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
+            epochs = args.local_epochs or tr.site.local_epochs
+            stats = tr.fit(epochs, proximal_mu=args.mu, seed=fed.seed + rnd)
+            states.append({k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()})
+            weights.append(tr.num_examples)
+            sites[tr.site.site_id] = {"loss": float(stats.get("loss", float("nan"))), "steps": stats.get("steps")}
+        global_state = weighted_average(states, weights)
+        model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
+        vals = {tr.site.site_id: evaluate_pairs(model, tr.val_pairs, tr.cache) for tr in trainers if tr.val_pairs}
+        n = sum(v["num_images"] for v in vals.values())
+        val_dice = sum(v["dice"] * v["num_images"] for v in vals.values()) / max(n, 1)
+        rec = {"round": rnd, "val_dice": val_dice, "val_dice_per_site": {k: v["dice"] for k, v in vals.items()},
+               "sites": sites, "wall_seconds": time.time() - t0}
+        history.append(rec)
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        if best is None or val_dice > best["val_dice"]:
+            best = {"round": rnd, "val_dice": val_dice, "state": {k: v.copy() for k, v in global_state.items()}}
+    model.load_trainable_state({k: torch.from_numpy(v) for k, v in best.pop("state").items()})
+    evaluator = CentralEvaluator(model, fed.evaluate, base_dir=fed_path.parent, device=args.device)
+    test = {k: v["dice"] for k, v in evaluator.evaluate().items()}
+    out = {"federation": fed.name, "seed": fed.seed, "rounds": rounds, "local_epochs": args.local_epochs, "mu": args.mu,
+           "device": str(trainers[0].device), "precision": trainers[0].precision, "history": history,
+           "best": best, "test_dice_of_best": test, "wall_seconds": time.time() - t0}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
