@@ -19,6 +19,13 @@ until it misses 2 heartbeats: up to 30 s with the 15 s interval ``autosam-client
 connected site records its node and a timestamp every few seconds in its state folder and clears it
 when it signs off; a refusal within that time of a recorded heartbeat is the stale connection (wait and
 retry), any other refusal is an unregistered key.
+
+A restarted site need not wait for that release: the marker also records the node id, and when the
+process that held it is no longer running, :func:`sign_off_node` deactivates that node on the
+SuperLink with the site's own key (Flower's Fleet ``DeactivateNode``, the call a SuperNode makes when
+it stops cleanly; the SuperLink accepts it only when signed by the key registered for that node). The
+coordinator then sees the lost site's open message fail at once ("Node Unavailable"), and the site
+connects again after :data:`SIGN_OFF_SETTLE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ def release_seconds(heartbeat_seconds: float | None = None) -> float:
 
 
 NODE_RELEASE_SECONDS = int(release_seconds())
+
+#: Seconds a restarted site waits between signing off its stale node and connecting again, so the coordinator's
+#: next pull of replies sees that node offline first (the ServerApp here pulls every 0.1 s, Flower's own grid every
+#: 3 s); a node reactivated before that pull would leave the lost site's open message without a reply.
+SIGN_OFF_SETTLE_SECONDS = 4.0
 
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
 #: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).
@@ -135,6 +147,55 @@ def probe_superlink(address: str, ca_file: Path | None, insecure: bool, timeout:
                                    "autosam-server with --certs, or (tests only) start this site with --insecure")
 
 
+def node_id_in(line: str) -> int | None:
+    """The node id in the SuperNode's ``SuperNode ID: <id>`` line (logged once connected), else None."""
+    _, sep, rest = line.partition("SuperNode ID:")
+    token = rest.strip().split(" ")[0] if sep else ""
+    return int(token) if token.isdigit() else None
+
+
+def sign_off_node(superlink: str, root_certificates: Path, key_file: Path, node_id: int) -> str | None:
+    """Deactivate ``node_id`` on the SuperLink at ``superlink`` (``HOST:PORT``, TLS) with the site's private key.
+
+    For a site whose previous process stopped without signing off (SIGKILL, power cut): the same request its
+    SuperNode sends when it stops cleanly, so the SuperLink frees the node now instead of after 2 missed
+    heartbeats. The SuperLink checks the signature against the public key registered for ``node_id``: a key
+    can sign off only its own node.
+
+    Args:
+        root_certificates: the CA certificate (PEM) that signed the SuperLink's certificate.
+        key_file: the site's private key (OpenSSH format, as ``autosam-client --auth-key``).
+
+    Returns:
+        None when the node was deactivated, else why not (one line: the SuperLink's answer or the error).
+    """
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    try:
+        key = load_ssh_private_key(Path(key_file).read_bytes(), None)
+    except (OSError, ValueError) as err:
+        return f"cannot read the private key {key_file}: {err}"
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"{key_file} is not an elliptic-curve private key"
+    try:
+        with FleetHttpClient.from_server_address(
+                superlink, False, str(root_certificates),
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                              NodeAuthHttpInterceptor(key, key.public_key())]) as client:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=int(node_id)))
+    except httpx.HTTPStatusError as err:
+        return f"the SuperLink answered {err.response.status_code}: {err.response.text[:200]}"
+    except (httpx.HTTPError, OSError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def classify_supernode_line(line: str) -> str | None:
     """What a line of ``flower-supernode`` output means for the operator (None: nothing special)."""
     if "Failed to activate SuperNode" in line or "No SuperNode found with the given public key" in line \
@@ -200,6 +261,22 @@ class ConnectionMarker:
         except PermissionError:
             return pid
         return pid
+
+    def stale_node_id(self) -> int | None:
+        """The node id of the recorded connection when no other running process holds it (the
+        ``autosam-client`` that recorded it stopped without signing off, or it was this process, whose
+        SuperNode is gone), so this site may sign that node off (:func:`sign_off_node`); else None (no
+        marker, another SuperLink, no node id recorded, or another ``autosam-client`` still runs)."""
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        node_id = data.get("node_id")
+        if data.get("superlink") != self.superlink or not isinstance(node_id, int) or self.live_owner() is not None:
+            return None
+        return node_id
 
     def release_in(self) -> float | None:
         """Seconds until the SuperLink releases the previous connection (its last beat + 2 of the heartbeat

@@ -24,8 +24,10 @@ also when it is killed with SIGKILL (:mod:`autosam_fl.guard`), and its temporary
 Connection problems are named by cause before Flower starts (:mod:`autosam_fl.connect`): nothing
 listening (waits up to ``--max-wait-time``, default 300 s), TLS on one side only, a certificate not
 signed by ``--root-certificates``; after the handshake: a key the coordinator did not register
-(exit 3), or the previous connection of this site still active (the site waits up to 75 s and
-rejoins by itself). Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
+(exit 3), or the previous connection of this site still active: when the process that held it has
+stopped (SIGKILL, power cut; recorded in the site's state folder), the site signs that node off with its
+own key and connects again after 4 s; otherwise it waits up to 75 s and rejoins by itself.
+Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
 2 configuration error (also when the site refused the coordinator's run because its own setup does not
 fit it, e.g. SAM weights with another fingerprint: the error reply is sent, then the site stops), 3 key
 not registered, 4 cannot connect, or the connection ended before the run finished (the coordinator
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``autosam-client`` (see module docstring)."""
     import tomli_w
 
-    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, RETRYING, SENT,
-                                    ConnectionMarker, marker_path, split_address)
+    from autosam_fl.connect import (ACTIVATION_FAILED, CONNECTED, GAVE_UP, RETRYING, SENT, SIGN_OFF_SETTLE_SECONDS,
+                                    ConnectionMarker, marker_path, sign_off_node, split_address)
     from autosam_fl.guard import Guard
     from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_bin, flower_env, free_port,
                                       unwind_on_sigterm)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                               else flwr_home / "connection.json", args.superlink,
                               heartbeat_seconds=args.heartbeat_interval)
     owner = marker.live_owner()
-    refused = finished = waited = False
+    refused = finished = waited = signed_off = False
     refusal = None  # (run id, why) when this site refused the run (exit 2 after its error reply is sent)
     lost = None  # the SuperNode's exit code when the connection ended before the run finished
     gave_up = False  # the SuperLink stayed unreachable for --max-wait-time during the run
@@ -314,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             proc = tracker.popen("flower-supernode", cmd, pipe=True,
                                  env=flower_env(flwr_home, {POLL_ENV: str(args.poll_interval),
                                                            HEARTBEAT_ENV: str(args.heartbeat_interval)}))
-            reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose, run_done), daemon=True)
+            node: dict = {}  # {"id": the node id this SuperNode was activated with}, from its "SuperNode ID:" line
+            reader = threading.Thread(target=_pump, args=(proc.stdout, events, args.verbose, run_done, node),
+                                      daemon=True)
             reader.start()
             activation_failed = connected = False
             next_beat, stop_at, failures_after_done = 0.0, None, 0
             while proc.poll() is None or not events.empty():
                 if connected and time.monotonic() >= next_beat:
-                    marker.beat()
+                    marker.beat(node.get("id"))
                     next_beat = time.monotonic() + 5.0
                 if stop_at is not None and time.monotonic() >= stop_at:
                     tracker.stop()
@@ -377,13 +381,27 @@ def main(argv: list[str] | None = None) -> int:
                 lost, rc = proc.returncode, EXIT_CONNECT
             if activation_failed:
                 wait = marker.release_in()
+                stale = marker.stale_node_id() if wait is not None and args.auth_key and not signed_off else None
                 if wait is None:
                     refused = True
+                elif stale is not None and (why := sign_off_node(args.superlink, ca, Path(args.auth_key), stale)) is None:
+                    # Its process is gone (SIGKILL, power cut): sign its node off with this site's key instead of
+                    # waiting for the SuperLink to miss its heartbeats.
+                    signed_off = waited = True
+                    wait = SIGN_OFF_SETTLE_SECONDS
+                    print(f"[autosam] site {site.site_id}: the previous connection of this site is still active on "
+                          f"the SuperLink (node {stale}; its process stopped without signing off): signed it off "
+                          f"with this site's key; connecting again in {wait:.0f} s", flush=True)
                 else:
+                    if stale is not None:
+                        signed_off = True  # tried once; wait for Flower's release instead
+                        print(f"[autosam] site {site.site_id}: could not sign off the previous connection (node "
+                              f"{stale}): {why}", flush=True)
                     waited = True
                     print(f"[autosam] site {site.site_id}: the previous connection of this site is still active on "
                           f"the SuperLink (it stopped without signing off; Flower releases it after "
                           f"{HEARTBEAT_PATIENCE} missed heartbeats); retrying in {wait:.0f} s", flush=True)
+                if wait is not None:
                     tracker.stop()
                     time.sleep(wait)
                     tracker = ProcessTracker(guard=guard)
@@ -422,20 +440,23 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _pump(stream, events: queue.Queue, verbose: bool, done: threading.Event | None = None) -> None:
+def _pump(stream, events: queue.Queue, verbose: bool, done: threading.Event | None = None,
+          node: dict | None = None) -> None:
     """Echo the SuperNode's output (all of it with --verbose, else warnings/errors) and classify it.
 
     Once ``done`` is set (the run's last reply was sent and this CLI is stopping the SuperNode), Flower's
     reconnection warnings and the bare "Traceback" headers of its stopping threads are no longer echoed:
     they describe the shutdown, not a problem. ERROR lines always are.
     """
-    from autosam_fl.connect import classify_supernode_line
+    from autosam_fl.connect import CONNECTED, classify_supernode_line, node_id_in
 
     # Flower's children inherit the pipe, so EOF may come long after the SuperNode exits: read in a
     # thread and wait for the SuperNode process itself.
     try:
         for line in stream:
             what = classify_supernode_line(line)
+            if what == CONNECTED and node is not None:
+                node["id"] = node_id_in(line)
             if what:
                 events.put(what)
             quiet = done is not None and done.is_set()

@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-TINY_MODEL = {"backbone": "timm:mobilenetv3_small_050", "g_input_size": 64}
+TINY_MODEL = {"preset": "sam_head", "head_channels": 16}
 # A DP federation needs HarDNet's g (timm backbones use BatchNormAct2d, which the GroupNorm conversion refuses).
 DP_MODEL = {"backbone": "hardnet68", "g_input_size": 64}
 

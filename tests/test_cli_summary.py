@@ -59,5 +59,25 @@ def test_flwr_cli_calls_that_do_not_answer_are_errors_not_tracebacks(tmp_path, m
     assert status == "unknown" and "did not answer within 180 s" in details and "--run-id 7" in details
     key = tmp_path / "site_a.pub"
     key.write_text("x")
-    with pytest.raises(processes.FlowerProcessError, match="registering site site_a .* did not answer"):
-        cli.register_sites({"site_a": key}, {})
+    started, killed = [], []
+
+    class Hanging:  # a `flwr supernode register` that never answers
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def communicate(self, timeout=None):
+            raise subprocess.TimeoutExpired("flwr", timeout)
+
+        def poll(self):
+            return None
+
+        def kill(self):
+            killed.append(self)
+
+        def wait(self):
+            return -9
+
+    monkeypatch.setattr(subprocess, "Popen", Hanging)
+    with pytest.raises(processes.FlowerProcessError, match="registering site site_a .* did not answer within 1 s"):
+        cli.register_sites({"site_a": key, "site_b": key}, {}, timeout=1)
+    assert len(started) == 2 and len(killed) == 2  # both started at once; neither is left running

@@ -119,6 +119,45 @@ def test_connection_marker_tells_a_stale_node_from_an_unknown_key(tmp_path):
     assert classify_supernode_line("WARNING :   Connection attempt failed, retrying in 0.18 seconds") == RETRYING
 
 
+def test_stale_node_is_offered_for_sign_off_only_when_its_process_is_gone(tmp_path):
+    import json
+    import subprocess
+
+    from autosam_fl.connect import ConnectionMarker, node_id_in, sign_off_node
+    from autosam_fl.processes import free_port
+    from server.certs import generate_site_key, generate_tls
+
+    assert node_id_in("\x1b[92mINFO \x1b[0m:      SuperNode ID: 18211076668579113750\n") == 18211076668579113750
+    assert node_id_in("INFO :      Received: train message") is None
+    path = tmp_path / "connection-site_a.json"
+    marker = ConnectionMarker(path, "127.0.0.1:9092")
+    marker.beat()
+    assert marker.stale_node_id() is None  # no node id recorded
+    marker.beat(42)
+    assert json.loads(path.read_text())["node_id"] == 42
+    assert marker.stale_node_id() == 42  # recorded by this process, whose SuperNode is no longer connected
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "pid": dead.pid}))
+    assert marker.stale_node_id() == 42  # its process has exited: this site may sign node 42 off
+    assert ConnectionMarker(path, "10.0.0.1:9092").stale_node_id() is None  # another SuperLink
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path.write_text(json.dumps({**data, "pid": running.pid}))
+        assert marker.stale_node_id() is None  # another autosam-client still holds it
+    finally:
+        running.kill()
+        running.wait()
+    # Nothing listens: the sign-off reports why instead of raising (the caller then waits for the release).
+    generate_tls(tmp_path / "certs")
+    generate_site_key(tmp_path / "certs", "site_a")
+    why = sign_off_node(f"127.0.0.1:{free_port()}", tmp_path / "certs" / "ca.crt", tmp_path / "certs" / "site_a", 42)
+    assert why and "Connect" in why, why
+    bad = sign_off_node("127.0.0.1:9", tmp_path / "certs" / "ca.crt", tmp_path / "certs" / "ca.crt", 42)
+    assert bad and "private key" in bad, bad
+
+
 def test_probe_names_refused_and_bad_address(tmp_path):
     from autosam_fl.connect import REFUSED, probe_superlink, split_address
     from autosam_fl.processes import free_port
