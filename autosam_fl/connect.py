@@ -184,8 +184,12 @@ def sign_off_node(superlink: str, root_certificates: Path, key_file: Path, node_
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return f"{key_file} is not an elliptic-curve private key"
     try:
+        ca = Path(root_certificates).read_bytes()
+    except OSError as err:
+        return f"cannot read the CA certificate {root_certificates}: {err}"
+    try:
         with FleetHttpClient.from_server_address(
-                superlink, False, str(root_certificates),
+                superlink, False, ca,
                 interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                               NodeAuthHttpInterceptor(key, key.public_key())]) as client:
             client.DeactivateNode(DeactivateNodeRequest(node_id=int(node_id)))
