@@ -6,7 +6,7 @@ the server's central evaluation on benchmark splits (:class:`CentralEvaluator`),
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,18 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
             "iou": float(np.mean([r.iou for r in results])) if n else float("nan"),
             "boundary_ratio": float(np.mean(ratios)) if ratios else float("nan"),
             "num_images": n, "seconds_per_image": (time.perf_counter() - t0) / max(n, 1), "per_image": results}
+
+
+def image_weighted_mean(results: Mapping[str, Mapping[str, float]], key: str = "dice") -> float:
+    """Mean of ``results[split][key]`` weighted by each split's ``num_images`` (per-image mean over all the
+    splits' images, as if they were one split); 0.0 when there is no image.
+
+    Args:
+        results: split name -> an :func:`evaluate_pairs` result (``key`` and ``num_images``).
+        key: ``dice`` or ``iou`` (values in [0, 1]).
+    """
+    n = sum(r["num_images"] for r in results.values())
+    return sum(r[key] * r["num_images"] for r in results.values()) / n if n else 0.0
 
 
 class CentralEvaluator:

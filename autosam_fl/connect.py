@@ -246,17 +246,23 @@ class ConnectionMarker:
         except FileNotFoundError:
             pass
 
-    def live_owner(self) -> int | None:
-        """PID of another running process that holds this connection now (a second autosam-client), else None."""
+    def _record(self) -> dict | None:
+        """The marker's contents when it exists, parses and names this SuperLink; else None."""
         import json
-        import os
 
         try:
             data = json.loads(self.path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        pid = int(data.get("pid", 0))
-        if data.get("superlink") != self.superlink or pid in (0, os.getpid()):
+        return data if isinstance(data, dict) and data.get("superlink") == self.superlink else None
+
+    def live_owner(self) -> int | None:
+        """PID of another running process that holds this connection now (a second autosam-client), else None."""
+        import os
+
+        data = self._record()
+        pid = int(data.get("pid", 0)) if data else 0
+        if pid in (0, os.getpid()):
             return None
         try:
             os.kill(pid, 0)
@@ -271,28 +277,17 @@ class ConnectionMarker:
         ``autosam-client`` that recorded it stopped without signing off, or it was this process, whose
         SuperNode is gone), so this site may sign that node off (:func:`sign_off_node`); else None (no
         marker, another SuperLink, no node id recorded, or another ``autosam-client`` still runs)."""
-        import json
-
-        try:
-            data = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        node_id = data.get("node_id")
-        if data.get("superlink") != self.superlink or not isinstance(node_id, int) or self.live_owner() is not None:
-            return None
-        return node_id
+        data = self._record()
+        node_id = data.get("node_id") if data else None
+        return node_id if isinstance(node_id, int) and self.live_owner() is None else None
 
     def release_in(self) -> float | None:
         """Seconds until the SuperLink releases the previous connection (its last beat + 2 of the heartbeat
         intervals it announced + 5 s); None if there is none to wait for."""
-        import json
         import time
 
-        try:
-            data = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        if data.get("superlink") != self.superlink:
+        data = self._record()
+        if data is None:
             return None
         left = float(data.get("alive_at", 0)) + release_seconds(data.get("heartbeat_seconds")) + 5 - time.time()
         return left if left > 0 else None

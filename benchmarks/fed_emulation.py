@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autosam_core.config import FederationConfig, SiteConfig, load_yaml_config  # noqa: E402
-from autosam_core.evaluation import CentralEvaluator, evaluate_pairs  # noqa: E402
+from autosam_core.evaluation import CentralEvaluator, evaluate_pairs, image_weighted_mean  # noqa: E402
 from autosam_core.model_factory import build_autosam  # noqa: E402
 from autosam_core.training import SiteTrainer  # noqa: E402
 from server.aggregation import weighted_average  # noqa: E402
@@ -72,8 +72,7 @@ def main() -> None:
         global_state = weighted_average(states, weights)
         model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
         vals = {tr.site.site_id: evaluate_pairs(model, tr.val_pairs, tr.cache) for tr in trainers if tr.val_pairs}
-        n = sum(v["num_images"] for v in vals.values())
-        val_dice = sum(v["dice"] * v["num_images"] for v in vals.values()) / max(n, 1)
+        val_dice = image_weighted_mean(vals, "dice")
         rec = {"round": rnd, "val_dice": val_dice, "val_dice_per_site": {k: v["dice"] for k, v in vals.items()},
                "sites": sites, "wall_seconds": time.time() - t0}
         history.append(rec)

@@ -277,6 +277,7 @@ class FederatedServer:
     # ----- per round ----------------------------------------------------------------------------
     def _evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         from autosam_core.checkpoint import save_checkpoint
+        from autosam_core.evaluation import image_weighted_mean
 
         rnd = self.offset + server_round
         if server_round == 0 and self.offset > 0:
@@ -289,10 +290,9 @@ class FederatedServer:
         validation = None
         if self.val_evaluator is not None:
             vals = self.val_evaluator.evaluate()
-            n = sum(v["num_images"] for v in vals.values())
-            validation = {"dice": sum(v["dice"] * v["num_images"] for v in vals.values()) / max(n, 1),
-                          "iou": sum(v["iou"] * v["num_images"] for v in vals.values()) / max(n, 1),
-                          "num_images": n, "source": "central", "splits": list(vals)}
+            validation = {"dice": image_weighted_mean(vals, "dice"), "iou": image_weighted_mean(vals, "iou"),
+                          "num_images": sum(v["num_images"] for v in vals.values()), "source": "central",
+                          "splits": list(vals)}
         elif report is not None and report.validation:
             validation = report.validation
         now = time.time()

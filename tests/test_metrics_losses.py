@@ -113,3 +113,12 @@ def test_bce_dice_rejects_bad_shapes_and_targets():
         bce_dice_loss(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="255"):
         bce_dice_loss(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 255.0))
+
+
+def test_image_weighted_mean_counts_every_image_once():
+    from autosam_core.evaluation import image_weighted_mean
+
+    res = {"a": {"dice": 0.9, "iou": 0.8, "num_images": 3}, "b": {"dice": 0.3, "iou": 0.2, "num_images": 1}}
+    assert abs(image_weighted_mean(res) - (3 * 0.9 + 0.3) / 4) < 1e-12  # 0.75, not the split mean 0.6
+    assert abs(image_weighted_mean(res, "iou") - (3 * 0.8 + 0.2) / 4) < 1e-12
+    assert image_weighted_mean({}) == 0.0
