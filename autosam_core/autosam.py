@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.cache import mirror
 from .prompt_generator import IMAGENET_MEAN, IMAGENET_STD
 from .sam import FrozenSam, resize_and_pad, resized_shape
 from .trainable_state import FOREIGN, MISSING, UNEXPECTED, is_trainable_key, state_mismatches
@@ -23,6 +24,37 @@ from .trainable_state import FOREIGN, MISSING, UNEXPECTED, is_trainable_key, sta
 # Inference refinement: "box" = SAM prompted with the box of each component of the first mask plus
 # g's dense prompt; "box_only" = the same boxes with SAM's own no-mask dense embedding.
 REFINE_MODES = ("none", "box", "box_only")
+# Test-time augmentation of the first pass: "hflip" = the mean of the low_res_logits of the image and
+# of its left-right mirror (its own SAM image_embeddings, mapped back), before any refinement.
+TTA_MODES = ("none", "hflip")
+
+
+def mirror_low_res(low_res_logits: torch.Tensor, valid: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Mirror low_res_logits (B, C, L, L) left-right inside each image's content region.
+
+    SAM's input is the image resized (longest side) and padded bottom/right, so the low-res frame of a
+    mirrored image holds the same content region (h, w) at the top left, columns reversed. This maps
+    one onto the other (it is its own inverse); the padding (columns >= w) is left as it is.
+
+    Args:
+        low_res_logits: (B, C, L, L) any float dtype.
+        valid: per-image (h, w) content region in the L x L frame (``resized_shape``); None: the whole
+            frame (a square image).
+
+    Returns:
+        a new tensor of the same shape and dtype.
+
+    Raises:
+        ValueError: ``valid`` does not have one entry per image.
+    """
+    out = low_res_logits.clone()
+    if valid is None:
+        return out.flip(-1)
+    if len(valid) != low_res_logits.shape[0]:
+        raise ValueError(f"valid has {len(valid)} regions for {low_res_logits.shape[0]} images")
+    for i, (_, w) in enumerate(valid):
+        out[i, :, :, :w] = low_res_logits[i, :, :, :w].flip(-1)
+    return out
 
 
 class StateMismatchError(ValueError):
@@ -39,14 +71,24 @@ class AutoSam(nn.Module):
         surrogate_decoder: optional module mapping (B, 256, 64, 64) to mask logits (B, 1, 256, 256).
         g_input_size: side G (pixels) of g's square input; the image is resized (longest side) and
             padded bottom/right exactly like SAM's input so g's output grid aligns with SAM's.
+        refine, refine_*: inference refinement (:data:`REFINE_MODES`, :meth:`refine_low_res`).
+        tta: test-time augmentation of the first pass (:data:`TTA_MODES`, :meth:`predict_low_res`);
+            "hflip" needs the mirrored image's embeddings at inference (``mirrored_embeddings``).
+
+    Raises:
+        ValueError: unknown ``refine`` or ``tta``.
     """
 
     def __init__(self, sam: FrozenSam, prompt_generator: nn.Module, surrogate_decoder: nn.Module | None = None,
                  g_input_size: int = 256, refine: str = "none", refine_min_fraction: float = 0.1,
-                 refine_margin: float = 0.0, refine_iterations: int = 1, refine_max_boxes: int = 8):
+                 refine_margin: float = 0.0, refine_iterations: int = 1, refine_max_boxes: int = 8,
+                 tta: str = "none"):
         super().__init__()
         if refine not in REFINE_MODES:
             raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, found {refine!r}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, found {tta!r}")
+        self.tta = tta
         self.sam = sam
         self.prompt_generator = prompt_generator
         self.surrogate_decoder = surrogate_decoder
@@ -115,20 +157,37 @@ class AutoSam(nn.Module):
 
     @torch.no_grad()
     def predict_low_res(self, image_embeddings: torch.Tensor, g_inputs: torch.Tensor | None,
-                        valid: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Inference: :meth:`forward`, then (``refine`` "box" / "box_only") SAM prompted again with the
-        box of each connected component of that mask (:meth:`FrozenSam.refine_with_boxes`), with g's
-        dense prompt ("box") or SAM's own no-mask embedding ("box_only").
+                        valid: list[tuple[int, int]] | None = None,
+                        mirrored_embeddings: torch.Tensor | None = None,
+                        mirrored_g_inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference: :meth:`forward` (with ``tta`` "hflip": the mean of its low_res_logits and those
+        of the mirrored image mapped back, :func:`mirror_low_res`), then (``refine`` "box" /
+        "box_only") SAM prompted again with the box of each connected component of that mask
+        (:meth:`FrozenSam.refine_with_boxes`), with g's dense prompt ("box") or SAM's own no-mask
+        embedding ("box_only"), on the original image's embeddings.
 
         Args:
             image_embeddings: (B, 256, 64, 64); g_inputs: (B, 3, G, G) or None; valid: optional
-                per-image (h, w) content region in the 256x256 low-res frame.
+                per-image (h, w) content region in the 256x256 low-res frame (None: the whole frame).
+            mirrored_embeddings / mirrored_g_inputs: the same for each image mirrored left-right
+                before encoding (``EmbeddingCache.get(path, hflip=True)``, ``g_input(mirror(image))``);
+                needed by ``tta`` "hflip" (g_inputs only for a g that reads images), ignored otherwise.
 
         Returns:
             low_res_logits float32 (B, 1, 256, 256).
+
+        Raises:
+            ValueError: ``tta`` "hflip" without the mirrored inputs it needs.
         """
         dense = self.dense_prompt(image_embeddings, g_inputs)
-        return self.refine_low_res(image_embeddings, self.sam.decode(image_embeddings, dense), dense, valid)
+        first = self.sam.decode(image_embeddings, dense)
+        if self.tta == "hflip":
+            if mirrored_embeddings is None or (self.reads_images and mirrored_g_inputs is None):
+                raise ValueError("tta 'hflip' needs the mirrored image's embeddings"
+                                 f"{' and g inputs' if self.reads_images else ''} (mirrored_embeddings=...)")
+            mirrored = self.sam.decode(mirrored_embeddings, self.dense_prompt(mirrored_embeddings, mirrored_g_inputs))
+            first = (first.float() + mirror_low_res(mirrored.float(), valid)) / 2
+        return self.refine_low_res(image_embeddings, first, dense, valid)
 
     @torch.no_grad()
     def refine_low_res(self, image_embeddings: torch.Tensor, low_res_logits: torch.Tensor,
@@ -167,13 +226,15 @@ class AutoSam(nn.Module):
 
     @torch.no_grad()
     def predict_logits(self, image: np.ndarray, image_embeddings: torch.Tensor | None = None,
-                       surrogate: bool = False) -> torch.Tensor:
+                       surrogate: bool = False, mirrored_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Full pipeline for one image: uint8 (H, W, 3) -> logits float32 (H, W) at the original size.
 
         Args:
             image: uint8 RGB (H, W, 3).
             image_embeddings: optional cached (1, 256, 64, 64) or (256, 64, 64) embeddings of ``image``.
             surrogate: use h(g(I)) instead of SAM(g(I)).
+            mirrored_embeddings: optional cached embeddings of ``image`` mirrored left-right, for
+                ``tta`` "hflip" (encoded here when None).
         """
         was_training = self.training
         self.eval()
@@ -189,7 +250,15 @@ class AutoSam(nn.Module):
                 low = self.surrogate_logits(g, image_embeddings)
             else:
                 low_res_valid = resized_shape(image.shape[:2], self.sam.spec.low_res_size[0])
-                low = self.predict_low_res(image_embeddings, g, valid=[low_res_valid])
+                g_m = None
+                if self.tta == "hflip":
+                    flipped = mirror(image)
+                    if mirrored_embeddings is None:
+                        mirrored_embeddings = self.sam.encode(self.sam.preprocess(flipped)[0][None])
+                    mirrored_embeddings = mirrored_embeddings.reshape(1, *mirrored_embeddings.shape[-3:])
+                    g_m = self.g_input(flipped)[None] if self.reads_images else None
+                low = self.predict_low_res(image_embeddings, g, valid=[low_res_valid],
+                                           mirrored_embeddings=mirrored_embeddings, mirrored_g_inputs=g_m)
             # h's output lives in the same 256x256 low-res frame as SAM's, so one postprocess serves both.
             logits = self.sam.postprocess(low.cpu(), input_size, image.shape[:2])
             return logits[0, 0]

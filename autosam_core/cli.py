@@ -57,17 +57,25 @@ def _runtime(args: argparse.Namespace, cfg=None) -> tuple[torch.device, str]:
     return device, precision
 
 
-def _apply_refine(model, args: argparse.Namespace) -> None:
-    """``--refine`` overrides the checkpoint's inference refinement (logged)."""
+def _apply_inference_options(model, args: argparse.Namespace) -> None:
+    """``--refine`` and ``--tta`` override the checkpoint's inference refinement and test-time
+    augmentation (logged)."""
     if getattr(args, "refine", None) and args.refine != model.refine:
         log.info("refinement %s (checkpoint: %s)", args.refine, model.refine)
         model.refine = args.refine
+    if getattr(args, "tta", None) and args.tta != model.tta:
+        log.info("test-time augmentation %s (checkpoint: %s)", args.tta, model.tta)
+        model.tta = args.tta
 
 
-def _add_refine_argument(p: argparse.ArgumentParser) -> None:
+def _add_inference_arguments(p: argparse.ArgumentParser, tta: bool = True) -> None:
     p.add_argument("--refine", choices=("none", "box", "box_only"),
                    help="inference refinement instead of the checkpoint's: none (dense prompt only), box (plus the "
                         "box of each component of that mask), box_only (the boxes with SAM's no-mask embedding)")
+    if tta:
+        p.add_argument("--tta", choices=("none", "hflip"),
+                       help="test-time augmentation instead of the checkpoint's: hflip averages the first pass with "
+                            "that of the image mirrored left-right (one more SAM encoding per uncached image)")
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,15 +148,44 @@ def _refs_from_args(args) -> list:
     return [DataRef(**r, limit=args.limit) for r in POLYP_BENCHMARKS]
 
 
+def _evaluate_validation(model, args: argparse.Namespace) -> dict:
+    """``autosam evaluate --config YAML --validation``: the YAML's validation hold-out, drawn as
+    :func:`autosam_core.central_training.train_central` draws it -> {"validation": results}.
+
+    Raises:
+        ConfigError: no ``--config``, or a config without a validation hold-out (val_fraction 0).
+    """
+    from .config import ConfigError, TrainJobConfig, load_yaml_config, yaml_relative
+    from .data.cache import EmbeddingCache
+    from .data.dataset import resolve_pairs, split_validation
+    from .evaluation import evaluate_pairs
+
+    if not getattr(args, "config", None):
+        raise ConfigError("--validation needs --config: the training YAML whose hold-out to evaluate")
+    cfg = load_yaml_config(args.config, TrainJobConfig)
+    if cfg.train.val_fraction <= 0:
+        raise ConfigError(f"{args.config}: train.val_fraction is {cfg.train.val_fraction}: it holds out no "
+                          "validation images")
+    base = Path(args.config).resolve().parent
+    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
+    _, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
+    cache = EmbeddingCache(model.sam, args.cache_dir or yaml_relative(cfg.cache_dir, base))
+    r = evaluate_pairs(model, val_pairs, cache, surrogate=args.surrogate, progress=True, desc="validation")
+    r.pop("per_image")
+    return {"validation": r}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_refs
     from .model_factory import model_from_checkpoint
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
-    _apply_refine(model, args)
-    refs = _refs_from_args(args)
-    results = evaluate_refs(model, refs, cache_dir=args.cache_dir, surrogate=args.surrogate)
+    _apply_inference_options(model, args)
+    if args.validation:
+        results = _evaluate_validation(model, args)
+    else:
+        results = evaluate_refs(model, _refs_from_args(args), cache_dir=args.cache_dir, surrogate=args.surrogate)
     what = "h(g(I))" if args.surrogate else "AutoSAM SAM(g(I))"
     print(format_table(results, f"{what}, checkpoint {args.checkpoint} (SAM {meta.get('sam_kind')})"))
     for line in _skipped_lines(results):
@@ -172,7 +209,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 "(--input takes an image file or a folder of images)")
     device, precision = _runtime(args)
     model, _ = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
-    _apply_refine(model, args)
+    _apply_inference_options(model, args)
     exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
     if not files:
@@ -259,7 +296,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     device, precision = _runtime(args)
     model, meta = model_from_checkpoint(args.checkpoint, device=device, precision=precision)
-    _apply_refine(model, args)
+    _apply_inference_options(model, args)
     refs = _refs_from_args(args)
     info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
             "preset": (meta.get("model") or {}).get("preset"), "refine": model.refine,
@@ -294,6 +331,9 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
         e.add_argument("--surrogate", action="store_true", help="use h(g(I)) instead of SAM(g(I))")
         if name == "evaluate":
             e.add_argument("--config", help="training YAML whose 'evaluate' list to use")
+            e.add_argument("--validation", action="store_true",
+                           help="with --config: evaluate on its validation hold-out (train.val_fraction of "
+                                "train_data, seeded by train.seed, as `autosam train` drew it) instead of 'evaluate'")
             e.add_argument("--data", nargs="+", metavar="DATASET[:SPLIT]", help="datasets under the data root")
             e.add_argument("--limit", type=int, help="first N images of each split")
             e.add_argument("--json", help="write the results as JSON here")
@@ -301,7 +341,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
         else:
             e.add_argument("--input", required=True, help="image file or folder")
             e.add_argument("--output", required=True)
-        _add_refine_argument(e)
+        _add_inference_arguments(e)
         _add_runtime_arguments(e)
         e.set_defaults(func=func)
 
@@ -312,7 +352,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="first N images of each split")
     b.add_argument("--output", default="benchmark", help="folder for BENCHMARK.md, benchmark.json, plots")
     b.add_argument("--cache-dir")
-    _add_refine_argument(b)
+    _add_inference_arguments(b, tta=False)
     _add_runtime_arguments(b)
     b.set_defaults(func=cmd_benchmark)
 

@@ -71,7 +71,10 @@ class ModelConfig(_Strict):
     no-mask embedding (``box_only``); fully automatic, no ground truth); refine_min_fraction:
     components smaller than this fraction of the largest are not prompted; refine_margin: pixels (SAM
     input frame) added around each box; refine_iterations: box steps in a row; refine_max_boxes: at
-    most this many components (the largest) are prompted per image; head_dilated: the
+    most this many components (the largest) are prompted per image; tta: ``hflip`` averages the
+    first pass's low_res_logits with those of the image mirrored left-right (its own SAM embeddings,
+    cached as the ``-hflip`` entry) before refinement, at twice g's and the decoder's inference cost
+    and one more encoder pass per uncached image; head_dilated: the
     embedding head's three 3x3 convs use dilation 1, 2, 4 (receptive field 15 instead of 7 cells of
     the 64x64 grid);
     surrogate: also train h after g;
@@ -92,6 +95,7 @@ class ModelConfig(_Strict):
     refine_margin: float = Field(0.0, ge=0.0)
     refine_iterations: int = Field(1, ge=1, le=5)
     refine_max_boxes: int = Field(8, ge=1, le=64)
+    tta: Literal["none", "hflip"] = "none"
     head_dilated: bool = False
     surrogate: bool = False
     dp_compatible: bool = False

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .autosam import AutoSam
 from .config import DataRef
-from .data.cache import EmbeddingCache
+from .data.cache import EmbeddingCache, mirror
 from .data.dataset import Pair, resolve_data, resolve_pairs
 from .data.io import load_image, load_mask
 from .metrics import dice_iou
@@ -39,7 +39,8 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
     """Image-level Dice and IoU (paper section 4 'Evaluation Metrics'), averaged over images.
 
     Images are processed in batches of ``batch_size`` (one batched g and SAM-decoder call each);
-    each prediction is postprocessed to its image's original size and thresholded at logits > 0,
+    with ``model.tta`` "hflip" the mirrored images' embeddings are cached (or encoded) too; each
+    prediction is postprocessed to its image's original size and thresholded at logits > 0,
     then compared with the full-resolution ground truth. ``model.refine`` applies.
 
     Returns:
@@ -52,8 +53,12 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
 
     t0 = time.perf_counter()
     needs_embeddings = not surrogate or not model.reads_images
+    tta = needs_embeddings and not surrogate and model.tta == "hflip"
     if cache is not None and needs_embeddings:
         cache.ensure([p.image_path for p in pairs], load_image, progress=progress, desc=f"{desc}: SAM embeddings")
+        if tta:
+            cache.ensure([p.image_path for p in pairs], load_image, progress=progress,
+                         desc=f"{desc}: SAM embeddings, mirrored", hflip=True)
     was_training = model.training
     model.eval()
     sam, results = model.sam, []
@@ -63,16 +68,17 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
             chunk = pairs[start:start + batch_size]
             images = [load_image(p.image_path) for p in chunk]
             g_in = torch.stack([model.g_input(im) for im in images]) if model.reads_images else None
-            emb = None
+            emb = emb_m = g_in_m = None
             if needs_embeddings:
-                if cache is not None:
-                    emb = torch.stack([cache.get(p.image_path) for p in chunk]).to(sam.device)
-                else:
-                    emb = sam.encode(torch.stack([sam.preprocess(im)[0] for im in images]))
+                emb = _embeddings(model, chunk, images, cache, hflip=False)
+            if tta:
+                emb_m = _embeddings(model, chunk, images, cache, hflip=True)
+                g_in_m = torch.stack([model.g_input(mirror(im)) for im in images]) if model.reads_images else None
             valid = [resized_shape(im.shape[:2], sam.spec.low_res_size[0]) for im in images]
             with autocast(sam.device, sam.precision):
                 low = (model.surrogate_logits(g_in, emb) if surrogate
-                       else model.predict_low_res(emb, g_in, valid=valid)).float().cpu()
+                       else model.predict_low_res(emb, g_in, valid=valid, mirrored_embeddings=emb_m,
+                                                  mirrored_g_inputs=g_in_m)).float().cpu()
             for i, (pair, image) in enumerate(zip(chunk, images)):
                 input_size = resized_shape(image.shape[:2], sam.spec.input_size)
                 logits = sam.postprocess(low[i:i + 1], input_size, image.shape[:2])[0, 0]
@@ -89,6 +95,16 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
             "iou": float(np.mean([r.iou for r in results])) if n else float("nan"),
             "boundary_ratio": float(np.mean(ratios)) if ratios else float("nan"),
             "num_images": n, "seconds_per_image": (time.perf_counter() - t0) / max(n, 1), "per_image": results}
+
+
+def _embeddings(model: AutoSam, chunk: Sequence[Pair], images: Sequence[np.ndarray],
+                cache: EmbeddingCache | None, hflip: bool) -> torch.Tensor:
+    """SAM image_embeddings (B, 256, 64, 64) of a batch (mirrored left-right first when ``hflip``), from
+    the cache when there is one, else encoded now; on SAM's device."""
+    sam = model.sam
+    if cache is not None:
+        return torch.stack([cache.get(p.image_path, hflip=hflip) for p in chunk]).to(sam.device)
+    return sam.encode(torch.stack([sam.preprocess(mirror(im) if hflip else im)[0] for im in images]))
 
 
 def image_weighted_mean(results: Mapping[str, Mapping[str, float]], key: str = "dice") -> float:

@@ -41,7 +41,8 @@ def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | N
     g.set_prompt_base(sam.prompt_encoder.no_mask_embed.weight)
     model = AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size, refine=model_cfg.refine,
                     refine_min_fraction=model_cfg.refine_min_fraction, refine_margin=model_cfg.refine_margin,
-                    refine_iterations=model_cfg.refine_iterations, refine_max_boxes=model_cfg.refine_max_boxes)
+                    refine_iterations=model_cfg.refine_iterations, refine_max_boxes=model_cfg.refine_max_boxes,
+                    tta=model_cfg.tta)
     return model.to(sam.device)
 
 

@@ -212,6 +212,15 @@ def plot_dice(path: Path, history: Sequence[Mapping], title: str) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
+def _cached(cache, image_path, hflip: bool):
+    """The cached image_embeddings of ``image_path`` (mirrored when ``hflip``), or None when not cached
+    (the model then encodes the image itself)."""
+    try:
+        return cache.get(image_path, hflip=hflip)
+    except KeyError:
+        return None
+
+
 def plot_predictions(path: Path, model, benchmarks: Mapping[str, Sequence], cache=None, per_benchmark: int = 2,
                      title: str = "") -> Path | None:
     """PNG grid: one row per test image (image, ground truth, AutoSAM mask), ``per_benchmark`` per benchmark.
@@ -238,13 +247,11 @@ def plot_predictions(path: Path, model, benchmarks: Mapping[str, Sequence], cach
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), dpi=100, squeeze=False)
     for r, (label, pair) in enumerate(rows):
         image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
-        emb = None
+        emb = emb_m = None
         if cache is not None:
-            try:
-                emb = cache.get(pair.image_path)
-            except KeyError:
-                emb = None
-        pred = (model.predict_logits(image, image_embeddings=emb) > 0).numpy()
+            emb = _cached(cache, pair.image_path, hflip=False)
+            emb_m = _cached(cache, pair.image_path, hflip=True) if model.tta == "hflip" else None
+        pred = (model.predict_logits(image, image_embeddings=emb, mirrored_embeddings=emb_m) > 0).numpy()
         d, _ = dice_iou(pred, mask > 0)
         for c, (img, name) in enumerate([(image, f"{label}\n{pair.stem}"), (mask, "ground truth"),
                                           (pred, f"AutoSAM (Dice {d:.2f})")]):

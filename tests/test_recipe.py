@@ -240,3 +240,110 @@ def test_dp_sgd_trains_the_sam_head(tiny_sam):
     assert stats["steps"] >= 1
     after = model.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mirror_low_res_flips_inside_the_content_region_by_hand():
+    from autosam_core.autosam import mirror_low_res
+
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    out = mirror_low_res(x, valid=[(4, 3), (4, 4)])
+    # image 0: content 3 columns wide, column 3 is padding and stays
+    assert out[0, 0, 0].tolist() == [2.0, 1.0, 0.0, 3.0]
+    assert out[1, 0, 2].tolist() == [27.0, 26.0, 25.0, 24.0]
+    assert torch.equal(mirror_low_res(out, valid=[(4, 3), (4, 4)]), x)  # its own inverse
+    assert torch.equal(mirror_low_res(x), x.flip(-1))
+    with pytest.raises(ValueError, match="2 regions for 1 images"):
+        mirror_low_res(x[:1], valid=[(4, 3), (4, 4)])
+
+
+def test_hflip_tta_averages_the_first_pass_with_the_mirrored_one(tiny_sam):
+    from autosam_core.autosam import mirror_low_res
+    from autosam_core.data.cache import mirror
+
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16, refine="none",
+                                                              tta="hflip"), sam=tiny_sam)
+    model.eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)  # wide: content 160 x 256 of the low-res frame
+    x = tiny_sam.preprocess(image)[0][None]
+    xm = tiny_sam.preprocess(mirror(image))[0][None]
+    emb, emb_m = tiny_sam.encode(x), tiny_sam.encode(xm)
+    valid = [(160, 256)]
+    with torch.no_grad():
+        first = tiny_sam.decode(emb, model.dense_prompt(emb, None))
+        first_m = tiny_sam.decode(emb_m, model.dense_prompt(emb_m, None))
+        got = model.predict_low_res(emb, None, valid=valid, mirrored_embeddings=emb_m)
+    expected = (first + mirror_low_res(first_m, valid)) / 2
+    assert got.shape == (1, 1, 256, 256)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (got - first).abs().max().item() > 1e-4  # the mirrored pass changed something
+    with pytest.raises(ValueError, match="mirrored image's embeddings"):
+        model.predict_low_res(emb, None, valid=valid)
+    # predict_logits encodes the mirrored image itself when it is not given, to the same result
+    a = model.predict_logits(image, image_embeddings=emb, mirrored_embeddings=emb_m)
+    b = model.predict_logits(image, image_embeddings=emb)
+    assert a.shape == (40, 64) and (a - b).abs().max().item() < 1e-5
+    with pytest.raises(Exception, match="tta"):
+        ModelConfig(preset="sam_head", tta="vflip")
+
+
+def test_evaluation_with_hflip_tta_caches_and_uses_the_mirrored_embeddings(tiny_sam, tmp_path):
+    from PIL import Image
+
+    from autosam_core.data.cache import EmbeddingCache
+    from autosam_core.data.dataset import Pair
+    from autosam_core.evaluation import evaluate_pairs
+    from autosam_core.metrics import dice_iou
+
+    rng = np.random.default_rng(1)
+    pairs = []
+    for i in range(3):
+        im, mk = tmp_path / f"im{i}.png", tmp_path / f"mk{i}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(im)
+        m = np.zeros((30, 50), np.uint8)
+        m[5:20, 10 + 5 * i:40] = 255
+        Image.fromarray(m, mode="L").save(mk)
+        pairs.append(Pair(f"s{i}", im, mk))
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16, tta="hflip"),
+                          sam=tiny_sam)
+    cache = EmbeddingCache(tiny_sam, tmp_path / "cache")
+    res = evaluate_pairs(model, pairs, cache, batch_size=2)
+    assert res["num_images"] == 3
+    assert all(cache.path(p.image_path, hflip=True).is_file() for p in pairs)
+    for pair, r in zip(pairs, res["per_image"]):  # the batch path equals the one-image path, by hand
+        image = np.asarray(Image.open(pair.image_path).convert("RGB"))
+        pred = model.predict_logits(image, cache.get(pair.image_path), mirrored_embeddings=cache.get(
+            pair.image_path, hflip=True)) > 0
+        assert r.dice == pytest.approx(dice_iou(pred.numpy(), np.asarray(Image.open(pair.mask_path)) > 0)[0], abs=1e-6)
+
+
+def test_cli_evaluates_the_validation_hold_out_with_tta(tiny_sam, tmp_path, caplog, capsys):
+    import json
+
+    from autosam_core.checkpoint import save_checkpoint
+    from autosam_core.cli import main
+    from autosam_core.config import DataRef
+    from autosam_core.data.dataset import resolve_pairs, split_validation
+    from tests.fl_helpers import make_dataset
+
+    data = make_dataset(tmp_path / "ds", n=10, seed=3, size=48)
+    g = ModelConfig(preset="sam_head", head_channels=16)
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text("name: t\nsam: {kind: tiny}\nmodel: {preset: sam_head, head_channels: 16}\n"
+                         "train: {epochs: 1, batch_size: 2, val_fraction: 0.3, seed: 4}\n"
+                         f"train_data: [{{dataset: '{data}'}}]\ncache_dir: cache\n")
+    meta = {"sam": SamConfig(kind="tiny").model_dump(), "model": g.model_dump(), "sam_kind": "tiny",
+            "backbone": g.backbone}
+    model = build_autosam(SamConfig(kind="tiny"), g, sam=tiny_sam)
+    ckpt = save_checkpoint(tmp_path / "ck.pt", model.trainable_state(), meta)
+    out = tmp_path / "r.json"
+    with caplog.at_level("INFO", logger="autosam"):
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--config", str(yaml_path), "--validation",
+                     "--tta", "hflip", "--json", str(out)]) == 0
+    assert "test-time augmentation hflip (checkpoint: none)" in caplog.text
+    res = json.loads(out.read_text())["results"]
+    _, val = split_validation(resolve_pairs(DataRef(dataset=str(data)), tmp_path), 0.3, 4)
+    assert list(res) == ["validation"] and res["validation"]["num_images"] == len(val) == 3
+    assert len(list((tmp_path / "cache").rglob("*-hflip.pt"))) == 3  # only the hold-out, mirrored
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--validation"]) != 0
+    assert "error: --validation needs --config" in capsys.readouterr().err
