@@ -7,6 +7,7 @@ describes (its ``sam`` and ``model`` metadata) and loads its trainable state. Ne
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -44,6 +45,32 @@ def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | N
                     refine_iterations=model_cfg.refine_iterations, refine_max_boxes=model_cfg.refine_max_boxes,
                     tta=model_cfg.tta)
     return model.to(sam.device)
+
+
+def trainable_state_template(sam_cfg: SamConfig, model_cfg: ModelConfig, seed: int = 0
+                             ) -> "OrderedDict[str, torch.Tensor]":
+    """The trainable state that :func:`build_autosam` gives for these configs (the same keys
+    ``prompt_generator.*`` / ``surrogate_decoder.*``, shapes and dtypes, the same seeded initial
+    values), built without loading SAM's weights: g and h need only its spec (embedding dim and
+    grid). For checks that compare a state with the configs, e.g. the coordinator's resume preflight.
+
+    Raises:
+        ValueError: unknown SAM kind or backbone; DPCompatibilityError: g cannot be made DP-compatible.
+    """
+    from .sam import SPECS
+    from .trainable_state import is_trainable_key
+
+    if sam_cfg.kind not in SPECS:
+        raise ValueError(f"unknown SAM kind {sam_cfg.kind!r}; expected one of {', '.join(SPECS)}")
+    spec = SPECS[sam_cfg.kind]
+    holder = torch.nn.Module()  # the attribute names AutoSam gives g and h
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        holder.prompt_generator = build_prompt_generator(model_cfg, spec.embed_dim, spec.embedding_size,
+                                                         pretrained=False)
+        if model_cfg.surrogate:
+            holder.surrogate_decoder = SurrogateDecoder(embed_dim=spec.embed_dim)
+    return OrderedDict((k, v.detach().clone()) for k, v in holder.state_dict().items() if is_trainable_key(k))
 
 
 def build_prompt_generator(model_cfg: ModelConfig, embed_dim: int = 256,

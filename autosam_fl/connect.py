@@ -56,8 +56,10 @@ NODE_RELEASE_SECONDS = int(release_seconds())
 
 #: Seconds a restarted site waits between signing off its stale node and connecting again, so the coordinator's
 #: next pull of replies sees that node offline first (the ServerApp here pulls every 0.1 s, Flower's own grid every
-#: 3 s); a node reactivated before that pull would leave the lost site's open message without a reply.
-SIGN_OFF_SETTLE_SECONDS = 4.0
+#: 3 s); a node reactivated before that pull would leave the lost site's open message without a reply. The new
+#: SuperNode then needs about 1 s more to start (measured on the 2-core test machine), so the node is offline for
+#: ~3 s: about 30 of the ServerApp's pulls.
+SIGN_OFF_SETTLE_SECONDS = 2.0
 
 ACTIVATION_FAILED, CONNECTED, SENT = "activation-failed", "connected", "sent"
 #: The SuperNode's retries to reach its SuperLink ran past --max-wait-time (it then keeps retrying forever).

@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else resolve_run_dir(fed, fed_path)
         last = run_dir / "checkpoints" / LAST
         if fed.resume and last.is_file():
-            from autosam_core.model_factory import build_autosam  # torch: only to check a resume checkpoint
+            from autosam_core.model_factory import trainable_state_template  # torch: only to check a resume checkpoint
 
             from .runner import check_resume_checkpoint
 
-            model = build_autosam(fed.sam, fed.model, seed=fed.seed)  # DP g when the sites use DP
-            check_resume_checkpoint(fed, last, model.trainable_state())
+            # g's (and h's) keys and shapes, the DP g when the sites use DP; SAM's weights are not loaded
+            check_resume_checkpoint(fed, last, trainable_state_template(fed.sam, fed.model, seed=fed.seed))
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -172,3 +172,20 @@ def test_stems_file_partition(tmp_path, shared_data):
         resolve_pairs(DataRef(dataset="GlaS", split="train", stems_file="part.txt"), tmp_path)
     with pytest.raises(ConfigError, match="missing.txt"):
         resolve_pairs(DataRef(dataset="GlaS", stems_file="missing.txt"), tmp_path)
+
+
+@pytest.mark.parametrize("cfg", [SMALL_G, ModelConfig(preset="sam_head", head_channels=16),
+                                 ModelConfig(preset="sam_head", head_channels=16, dp_compatible=True)],
+                         ids=["hardnet68+h", "sam_head", "sam_head-dp"])
+def test_trainable_state_template_is_the_built_models_state(tiny_sam, cfg):
+    from autosam_core.model_factory import trainable_state_template
+
+    built = build_autosam(SamConfig(kind="tiny"), cfg, sam=tiny_sam, seed=3).trainable_state()
+    template = trainable_state_template(SamConfig(kind="tiny"), cfg, seed=3)
+    assert list(template) == list(built)
+    assert any(k.startswith("surrogate_decoder.") for k in template) == cfg.surrogate
+    assert any("running_mean" in k for k in template) != cfg.dp_compatible  # GroupNorm in the DP g
+    for k, v in built.items():
+        assert template[k].dtype == v.dtype and torch.equal(template[k], v), k
+    with pytest.raises(ValueError, match="unknown SAM kind 'vit_q'"):
+        trainable_state_template(SamConfig.model_construct(kind="vit_q"), cfg)

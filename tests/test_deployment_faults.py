@@ -147,7 +147,7 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "runs" / "fedtest"
     # Round 3 of the first coordinator is slow at the sites, so the kill lands after round 2's checkpoint and
     # before round 3's. The sites give up 2 s after their SuperLink went away (--max-wait-time) and exit 4.
-    slow = simulation_env("*@3:sleep=3")
+    slow = simulation_env("*@3:sleep=2")
     t0 = time.time()
     with Deployment(tmp_path, sites) as d:
         server = d.server(fed, sites, "--timeout", "900")
