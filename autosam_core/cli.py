@@ -249,10 +249,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     device, precision = _runtime(args, cfg)
     sam = load_frozen_sam(cfg.sam.kind, cfg.sam.checkpoint).to(device).set_precision(precision)
     cache = EmbeddingCache(sam, yaml_relative(cfg.cache_dir, base))
-    paths = [p.image_path for ref in [*cfg.train_data, *cfg.evaluate] for p in resolve_pairs(ref, base)]
-    stats = cache.ensure(paths, load_image)
-    print(f"{stats['cached']} already cached, {stats['computed']} computed in {stats['seconds']:.1f} s "
-          f"({stats['seconds'] / max(stats['computed'], 1):.2f} s/image) under {cache.dir}")
+    train = [p.image_path for ref in cfg.train_data for p in resolve_pairs(ref, base)]
+    test = [p.image_path for ref in cfg.evaluate for p in resolve_pairs(ref, base)]
+    # Mirrored entries: the training images (and their validation hold-out) with train.hflip, every
+    # evaluated image with model.tta hflip.
+    mirrored = list(dict.fromkeys((train if cfg.train.hflip > 0 or cfg.model.tta == "hflip" else [])
+                                  + (test if cfg.model.tta == "hflip" else [])))
+    for what, paths, hflip in (("", train + test, False), ("mirrored ", mirrored, True)):
+        if not paths:
+            continue
+        stats = cache.ensure(paths, load_image, hflip=hflip, desc=f"SAM embeddings{', mirrored' if hflip else ''}")
+        print(f"{what}images: {stats['cached']} already cached, {stats['computed']} computed in "
+              f"{stats['seconds']:.1f} s ({stats['seconds'] / max(stats['computed'], 1):.2f} s/image) under {cache.dir}")
     return 0
 
 

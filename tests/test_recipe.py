@@ -347,3 +347,23 @@ def test_cli_evaluates_the_validation_hold_out_with_tta(tiny_sam, tmp_path, capl
     assert len(list((tmp_path / "cache").rglob("*-hflip.pt"))) == 3  # only the hold-out, mirrored
     assert main(["evaluate", "--checkpoint", str(ckpt), "--validation"]) != 0
     assert "error: --validation needs --config" in capsys.readouterr().err
+
+
+def test_embed_fills_the_mirrored_entries_that_training_and_tta_read(tmp_path, capsys):
+    from autosam_core.cli import main
+    from tests.fl_helpers import make_dataset
+
+    train, test = make_dataset(tmp_path / "tr", n=3, seed=5, size=48), make_dataset(tmp_path / "te", n=2, seed=6, size=48)
+    for train_opts, model_opts, plain, mirrored in (("", "", 5, 0), (", hflip: 0.5", "", 5, 3),
+                                                    ("", ", tta: hflip", 5, 5)):
+        root = tmp_path / f"run{mirrored}"
+        root.mkdir()
+        y = root / "t.yaml"
+        y.write_text(f"name: t\nsam: {{kind: tiny}}\nmodel: {{preset: sam_head, head_channels: 16{model_opts}}}\n"
+                     f"train: {{epochs: 1, batch_size: 2{train_opts}}}\ntrain_data: [{{dataset: '{train}'}}]\n"
+                     f"evaluate: [{{dataset: '{test}'}}]\ncache_dir: cache\n")
+        assert main(["embed", str(y)]) == 0
+        files = list((root / "cache").rglob("*.pt"))
+        assert sum(not f.stem.endswith("-hflip") for f in files) == plain
+        assert sum(f.stem.endswith("-hflip") for f in files) == mirrored
+        assert ("mirrored images: 0 already cached, " in capsys.readouterr().out) == (mirrored > 0)
