@@ -56,10 +56,10 @@ def test_adapters_do_not_import_each_other_and_core_imports_neither():
     assert offenders == []
 
 
-def test_the_coordinator_cli_checks_a_federation_without_torch():
+def test_the_coordinator_cli_checks_a_federation_without_torch(shared_data):
     """autosam-server holds no model: importing it, checking the demo federation's YAMLs (sites, DP
     uniformity, validation data) and building the Flower processes' environment must not import
-    torch (it costs ~550 MB of RSS)."""
+    torch (it costs ~550 MB of RSS). The demo YAML names the real datasets: skipped without them."""
     code = (
         "import sys\n"
         "import server.cli as c\n"
