@@ -47,11 +47,11 @@ def mirror_low_res(low_res_logits: torch.Tensor, valid: list[tuple[int, int]] | 
     Raises:
         ValueError: ``valid`` does not have one entry per image.
     """
-    out = low_res_logits.clone()
     if valid is None:
-        return out.flip(-1)
+        return low_res_logits.flip(-1)
     if len(valid) != low_res_logits.shape[0]:
         raise ValueError(f"valid has {len(valid)} regions for {low_res_logits.shape[0]} images")
+    out = low_res_logits.clone()
     for i, (_, w) in enumerate(valid):
         out[i, :, :, :w] = low_res_logits[i, :, :, :w].flip(-1)
     return out

@@ -52,6 +52,18 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def training_split(cfg: TrainJobConfig, base: Path) -> tuple[list, list]:
+    """(train pairs, validation pairs) of a training YAML: every pair of ``cfg.train_data`` (unreadable
+    files raise), ``train.val_fraction`` of them held out, seeded by ``train.seed``. The one place the
+    hold-out is drawn: :func:`train_central` and ``autosam evaluate --validation`` use it.
+
+    Raises:
+        ConfigError: missing/unreadable data.
+    """
+    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
+    return split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
+
+
 def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Path | None = None,
                   device: str | None = None, precision: str | None = None) -> dict:
     """Train AutoSAM centrally on ``cfg.train_data`` (paper section 3: g trained with frozen SAM,
@@ -79,7 +91,7 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
         ConfigError: missing/unreadable data; FloatingPointError: the loss became non-finite.
     """
     base = Path(config_path).resolve().parent
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
+    train_pairs, val_pairs = training_split(cfg, base)
     for ref in cfg.evaluate:
         resolve_pairs(ref, base)
     out = Path(output) if output else yaml_relative(cfg.output_dir, base) / cfg.name
@@ -95,7 +107,6 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
     log.info("AutoSAM: SAM %s (%d params, %d trainable), g %s %d params, h %d params", cfg.sam.kind,
              counts["sam_params"], counts["sam_trainable_params"], cfg.model.backbone, counts["g_params"],
              counts["h_params"])
-    train_pairs, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
     log.info("training on %d images, validating on %d (held out from the training split)",
              len(train_pairs), len(val_pairs))
     cache = EmbeddingCache(model.sam, cache_dir) if cfg.train.use_cache else None

@@ -150,14 +150,14 @@ def _refs_from_args(args) -> list:
 
 def _evaluate_validation(model, args: argparse.Namespace) -> dict:
     """``autosam evaluate --config YAML --validation``: the YAML's validation hold-out, drawn as
-    :func:`autosam_core.central_training.train_central` draws it -> {"validation": results}.
+    :func:`autosam_core.central_training.training_split` draws it for training -> {"validation": results}.
 
     Raises:
         ConfigError: no ``--config``, or a config without a validation hold-out (val_fraction 0).
     """
+    from .central_training import training_split
     from .config import ConfigError, TrainJobConfig, load_yaml_config, yaml_relative
     from .data.cache import EmbeddingCache
-    from .data.dataset import resolve_pairs, split_validation
     from .evaluation import evaluate_pairs
 
     if not getattr(args, "config", None):
@@ -167,8 +167,7 @@ def _evaluate_validation(model, args: argparse.Namespace) -> dict:
         raise ConfigError(f"{args.config}: train.val_fraction is {cfg.train.val_fraction}: it holds out no "
                           "validation images")
     base = Path(args.config).resolve().parent
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
-    _, val_pairs = split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
+    _, val_pairs = training_split(cfg, base)
     cache = EmbeddingCache(model.sam, args.cache_dir or yaml_relative(cfg.cache_dir, base))
     r = evaluate_pairs(model, val_pairs, cache, surrogate=args.surrogate, progress=True, desc="validation")
     r.pop("per_image")

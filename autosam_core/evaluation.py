@@ -53,7 +53,7 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
 
     t0 = time.perf_counter()
     needs_embeddings = not surrogate or not model.reads_images
-    tta = needs_embeddings and not surrogate and model.tta == "hflip"
+    tta = not surrogate and model.tta == "hflip"
     if cache is not None and needs_embeddings:
         cache.ensure([p.image_path for p in pairs], load_image, progress=progress, desc=f"{desc}: SAM embeddings")
         if tta:

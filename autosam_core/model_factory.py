@@ -35,16 +35,24 @@ def build_autosam(sam_cfg: SamConfig, model_cfg: ModelConfig, sam: FrozenSam | N
         ValueError: unknown SAM kind or backbone; DPCompatibilityError: g cannot be made DP-compatible.
     """
     sam = sam or load_frozen_sam(sam_cfg.kind, sam_cfg.checkpoint)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        g = build_prompt_generator(model_cfg, sam.spec.embed_dim, sam.spec.embedding_size)
-        h = SurrogateDecoder(embed_dim=sam.spec.embed_dim) if model_cfg.surrogate else None
+    g, h = _trainable_modules(model_cfg, sam.spec, seed)
     g.set_prompt_base(sam.prompt_encoder.no_mask_embed.weight)
     model = AutoSam(sam, g, h, g_input_size=model_cfg.g_input_size, refine=model_cfg.refine,
                     refine_min_fraction=model_cfg.refine_min_fraction, refine_margin=model_cfg.refine_margin,
                     refine_iterations=model_cfg.refine_iterations, refine_max_boxes=model_cfg.refine_max_boxes,
                     tta=model_cfg.tta)
     return model.to(sam.device)
+
+
+def _trainable_modules(model_cfg: ModelConfig, spec, seed: int, pretrained: bool = True
+                       ) -> tuple[PromptGenerator, SurrogateDecoder | None]:
+    """g (and h when ``model_cfg.surrogate``) for a SAM of ``spec``, their weights drawn from ``seed``
+    (torch's global RNG is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        g = build_prompt_generator(model_cfg, spec.embed_dim, spec.embedding_size, pretrained=pretrained)
+        h = SurrogateDecoder(embed_dim=spec.embed_dim) if model_cfg.surrogate else None
+    return g, h
 
 
 def trainable_state_template(sam_cfg: SamConfig, model_cfg: ModelConfig, seed: int = 0
@@ -62,14 +70,10 @@ def trainable_state_template(sam_cfg: SamConfig, model_cfg: ModelConfig, seed: i
 
     if sam_cfg.kind not in SPECS:
         raise ValueError(f"unknown SAM kind {sam_cfg.kind!r}; expected one of {', '.join(SPECS)}")
-    spec = SPECS[sam_cfg.kind]
     holder = torch.nn.Module()  # the attribute names AutoSam gives g and h
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        holder.prompt_generator = build_prompt_generator(model_cfg, spec.embed_dim, spec.embedding_size,
-                                                         pretrained=False)
-        if model_cfg.surrogate:
-            holder.surrogate_decoder = SurrogateDecoder(embed_dim=spec.embed_dim)
+    holder.prompt_generator, h = _trainable_modules(model_cfg, SPECS[sam_cfg.kind], seed, pretrained=False)
+    if h is not None:
+        holder.surrogate_decoder = h
     return OrderedDict((k, v.detach().clone()) for k, v in holder.state_dict().items() if is_trainable_key(k))
 
 
