@@ -25,7 +25,9 @@ process that held it is no longer running, :func:`sign_off_node` deactivates tha
 SuperLink with the site's own key (Flower's Fleet ``DeactivateNode``, the call a SuperNode makes when
 it stops cleanly; the SuperLink accepts it only when signed by the key registered for that node). The
 coordinator then sees the lost site's open message fail at once ("Node Unavailable"), and the site
-connects again after :data:`SIGN_OFF_SETTLE_SECONDS`.
+connects after :data:`SIGN_OFF_SETTLE_SECONDS`. ``autosam-client`` does this before its first SuperNode
+starts when the marker names a node of a process that is gone and still within its release time, and
+again after a refused activation otherwise.
 """
 
 from __future__ import annotations

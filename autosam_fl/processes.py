@@ -416,6 +416,22 @@ def _toml_value(v) -> str:
     return json.dumps(str(v))
 
 
+def finished_status(connection: str, run_id: int, env: dict, summary_path: Path, since: float) -> tuple[str, str]:
+    """(status, details) of a run whose ``flwr run --stream`` has returned.
+
+    When the ServerApp wrote ``summary_path`` after ``since`` (a ``time.time()``) with status ``completed``
+    (its last write, after the final round's outputs), the run completed: ``("finished:completed", "")``
+    without asking Flower (``flwr ls`` is one more Python process, ~1 s on a 2-core machine). Otherwise
+    (no summary, an older one, or another status) Flower's own answer from :func:`run_status`.
+    """
+    try:
+        if summary_path.stat().st_mtime >= since and json.loads(summary_path.read_text()).get("status") == "completed":
+            return "finished:completed", ""
+    except (OSError, ValueError, AttributeError):
+        pass
+    return run_status(connection, run_id, env)
+
+
 def run_status(connection: str, run_id: int, env: dict, timeout: float = 180.0) -> tuple[str, str]:
     """(status, details) of a run from ``flwr ls <connection> --run-id <id> --format json``.
 

@@ -311,6 +311,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"with this key ({marker.path}); stop it first", file=sys.stderr)
             rc = EXIT_CONNECT
             raise _Stop
+        stale = marker.stale_node_id() if args.auth_key and marker.release_in() is not None else None
+        if stale is not None and sign_off_node(args.superlink, ca, Path(args.auth_key), stale) is None:
+            # The marker names a node whose autosam-client stopped without signing off (SIGKILL, power cut) and
+            # the SuperLink still held it online (Flower deactivates only an online node): signed off before the
+            # first SuperNode starts, so it is not refused once first. If the sign-off fails (another SuperLink
+            # since, or the node already released), the SuperNode's activation below tells what to do.
+            signed_off = waited = True
+            print(f"[autosam] site {site.site_id}: the previous connection of this site is still active on the "
+                  f"SuperLink (node {stale}; its process stopped without signing off): signed it off with this "
+                  f"site's key; connecting in {SIGN_OFF_SETTLE_SECONDS:.0f} s", flush=True)
+            time.sleep(SIGN_OFF_SETTLE_SECONDS)
         while True:
             events: queue.Queue = queue.Queue()
             proc = tracker.popen("flower-supernode", cmd, pipe=True,

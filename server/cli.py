@@ -34,7 +34,7 @@ from pathlib import Path
 from autosam_core.config import ConfigError
 
 from autosam_fl.preflight import check_validation, load_federation
-from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, run_status,
+from autosam_fl.processes import (FlowerProcessError, ProcessTracker, TlsFiles, flower_bin, flower_env, finished_status,
                         start_superlink, submit_run, unwind_on_sigterm, write_connection)
 from .outputs import LAST, resolve_cache_dir, resolve_run_dir
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         "node-sites": ",".join(f"{n}:{s}" for n, s in node_sites.items()),
                         "local-epochs": args.local_epochs},
             echo=lambda line: echo(line) if (args.verbose or "[autosam]" in line) else None)
-        status, details = run_status(CONNECTION, run_id, env)
+        status, details = finished_status(CONNECTION, run_id, env, run_dir / "summary.json", t0)
     except FlowerProcessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

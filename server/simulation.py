@@ -14,7 +14,8 @@ How it is launched, and why (verified with flwr 1.42 on this machine):
    exactly those of a real deployment; each simulated SuperNode gets ``partition-id`` and maps
    it to ``sites[partition-id]`` of the federation YAML.
 3. ``flwr run`` exits 0 even when the run fails, so the status is read back with
-   ``flwr ls --run-id`` and a failed run raises :class:`FederationRunError`.
+   the ServerApp's own ``summary.json`` (status ``completed``) or else ``flwr ls --run-id``, and a failed
+   run raises :class:`FederationRunError`.
 4. Every process started (SuperLink, SuperExec, flwr-simulation, Ray) is stopped by PID, also on
    errors and Ctrl-C.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 from autosam_core.config import ConfigError
 
 from autosam_fl.preflight import available_cpus, check_client_resources, check_sites, check_validation, load_federation
-from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_env, free_port, run_status, start_superlink,
+from autosam_fl.processes import (FlowerProcessError, ProcessTracker, flower_env, free_port, finished_status, start_superlink,
                         submit_run, write_connection)
 from .outputs import LAST, resolve_cache_dir, resolve_run_dir
 from .runner import check_resume_checkpoint
@@ -125,7 +126,7 @@ def run_simulation_from_yaml(path: str | Path, *, echo: Callable[[str], None] = 
             federation_config={"num-supernodes": len(sites), "client-resources-num-cpus": int(fed.client_cpus),
                                "client-resources-num-gpus": float(fed.client_gpus), "init-args-num-cpus": available_cpus()},
             echo=_progress_filter(verbose, echo))
-        status, details = run_status(CONNECTION, run_id, env)
+        status, details = finished_status(CONNECTION, run_id, env, run_dir / "summary.json", t0)
     except FlowerProcessError as err:
         raise FederationRunError(str(err)) from None
     finally:

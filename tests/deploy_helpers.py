@@ -56,8 +56,11 @@ class Deployment:
         :func:`tests.fault_injection.simulation_env` for a slow or failing site)."""
         auth = ["--root-certificates", str(self.certs / "ca.crt"), "--auth-key", str(self.certs / (key or site))] \
             if tls else ["--insecure"]
+        # One torch thread per site, as the README advises for several sites on one machine: with torch's
+        # default (every core) 2-3 sites and the coordinator oversubscribe this 2-core machine.
+        threads = [] if "--threads" in extra else ["--threads", "1"]
         return self._start(name or site, ["-m", "client.cli", "--site", str(site_yaml), "--superlink",
-                                          f"127.0.0.1:{self.port}", *auth, *extra], env)
+                                          f"127.0.0.1:{self.port}", *auth, *threads, *extra], env)
 
     def text(self, name: str) -> str:
         """Everything process ``name`` wrote so far."""

@@ -81,3 +81,29 @@ def test_flwr_cli_calls_that_do_not_answer_are_errors_not_tracebacks(tmp_path, m
     with pytest.raises(processes.FlowerProcessError, match="registering site site_a .* did not answer within 1 s"):
         cli.register_sites({"site_a": key, "site_b": key}, {}, timeout=1)
     assert len(started) == 2 and len(killed) == 2  # both started at once; neither is left running
+
+
+def test_finished_status_trusts_only_this_runs_completed_summary(tmp_path, monkeypatch):
+    """A summary.json the ServerApp wrote during this run with status ``completed`` answers without
+    ``flwr ls``; an older summary, another status, or none asks Flower (``run_status``)."""
+    import json
+    import os
+    import time
+
+    from autosam_fl import processes
+
+    asked = []
+    monkeypatch.setattr(processes, "run_status", lambda c, r, e: asked.append(r) or ("finished:failed", "boom"))
+    summary = tmp_path / "summary.json"
+    t0 = time.time()
+    assert processes.finished_status("autosam", 1, {}, summary, t0) == ("finished:failed", "boom")  # no summary
+    summary.write_text(json.dumps({"status": "completed"}))
+    assert processes.finished_status("autosam", 2, {}, summary, t0) == ("finished:completed", "")
+    summary.write_text(json.dumps({"status": "failed"}))
+    assert processes.finished_status("autosam", 3, {}, summary, t0) == ("finished:failed", "boom")
+    summary.write_text(json.dumps({"status": "completed"}))
+    os.utime(summary, (t0 - 60, t0 - 60))  # written by an earlier run
+    assert processes.finished_status("autosam", 4, {}, summary, t0) == ("finished:failed", "boom")
+    summary.write_text("{not json")
+    assert processes.finished_status("autosam", 5, {}, summary, t0) == ("finished:failed", "boom")
+    assert asked == [1, 3, 4, 5]

@@ -119,6 +119,8 @@ def test_site_killed_in_round_2_is_named_then_rejoins(tmp_path):
         restarted_rc = d.procs["site_c-restarted"].wait(timeout=60)
         wall = time.time() - t0
     assert "previous connection of this site is still active" in out and "signed it off with this site's key" in out, out
+    # Signed off before its first SuperNode started: the SuperLink never refused it (Flower's exit code 305).
+    assert "Exit Code" not in out, out
     assert restarted_rc == 0, d.text("site_c-restarted")
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3]  # round 0: the initial model
@@ -145,8 +147,9 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
     sites = ["site_a", "site_b"]
     fed = make_federation(tmp_path, sites={s: 2 for s in sites}, rounds=3, min_sites=2, round_timeout=240)
     run_dir = tmp_path / "runs" / "fedtest"
-    # Round 3 of the first coordinator is slow at the sites, so the kill lands after round 2's checkpoint and
-    # before round 3's. The sites give up 2 s after their SuperLink went away (--max-wait-time) and exit 4.
+    # The coordinator is killed as soon as it logs round 2 (written after round 2's checkpoint and history), so
+    # before round 3's; round 3 is also slow at the sites, in case a site received it before the kill. The sites
+    # give up 2 s after their SuperLink went away (--max-wait-time) and exit 4.
     slow = simulation_env("*@3:sleep=2")
     t0 = time.time()
     with Deployment(tmp_path, sites) as d:
@@ -154,9 +157,7 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
         d.wait_for("server", "registered sites", START)
         for s in sites:
             d.client(s, tmp_path / "sites" / f"{s}.yaml", "--max-wait-time", "2", env=slow)
-        d.wait_for("server", "round 2/3", 2 * START)
-        for s in sites:
-            d.wait_for(s, "round 3/3: training ...", START)
+        d.wait_for("server", "round 2/3 |", 2 * START)
         tree = _kill_tree(server)
         assert not _wait_gone(tree | descendants(server.pid), 30), d.all_text()  # the guard stops the SuperLink
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
