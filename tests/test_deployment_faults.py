@@ -148,9 +148,10 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
     fed = make_federation(tmp_path, sites={s: 2 for s in sites}, rounds=3, min_sites=2, round_timeout=240)
     run_dir = tmp_path / "runs" / "fedtest"
     # The coordinator is killed as soon as it logs round 2 (written after round 2's checkpoint and history), so
-    # before round 3's; round 3 is also slow at the sites, in case a site received it before the kill. The sites
-    # give up 2 s after their SuperLink went away (--max-wait-time) and exit 4.
-    slow = simulation_env("*@3:sleep=2")
+    # before round 3's; a site that received round 3 before the kill holds it until the kill is done, so round 3
+    # cannot finish first. The sites give up 2 s after their SuperLink went away (--max-wait-time) and exit 4.
+    killed = tmp_path / "coordinator_killed"
+    slow = simulation_env(f"*@3:wait={killed}")
     t0 = time.time()
     with Deployment(tmp_path, sites) as d:
         server = d.server(fed, sites, "--timeout", "900")
@@ -159,6 +160,7 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(tmp_path):
             d.client(s, tmp_path / "sites" / f"{s}.yaml", "--max-wait-time", "2", env=slow)
         d.wait_for("server", "round 2/3 |", 2 * START)
         tree = _kill_tree(server)
+        killed.touch()
         assert not _wait_gone(tree | descendants(server.pid), 30), d.all_text()  # the guard stops the SuperLink
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         history = json.loads((run_dir / "history.json").read_text())
