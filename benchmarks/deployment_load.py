@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="folder for data, certs, logs and the run (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     ap.add_argument("--site-threads", type=int, default=None,
-                    help="pass --threads N to every autosam-client (several sites sharing this machine's cores)")
+                    help="pass --threads N to every autosam-client (several sites sharing this machine's cores; "
+                         "default 1, tests/deploy_helpers.py's)")
     ap.add_argument("--preset", default=None, choices=["sam_head", "paper"],
                     help="g of the tiny federation (default: the tests' timm mobilenetv3, 254 state tensors; "
                     "sam_head: 20) - Flower moves every array as its own object, so this sets the transfer cost")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_tree_peak_rss_mb": round(sampler.server, 1),
         "client_tree_peak_rss_mb": round(max(sampler.per_site.values(), default=0.0), 1),
         "sites": len(sites),
-        "site_threads": args.site_threads,
+        "site_threads": args.site_threads or 1,  # tests/deploy_helpers.py passes --threads 1 by default
         "rounds": args.rounds,
         "client_tree_peak_rss_mb_per_site": {s: round(v, 1) for s, v in sampler.per_site.items()},
         "server_tree_peak_rss_mb_by_process": {k: round(v, 1) for k, v in
