@@ -70,10 +70,10 @@ def preflight(path: str | Path) -> tuple:
     run_dir = resolve_run_dir(fed, fed_path)
     last = run_dir / "checkpoints" / LAST
     if fed.resume and last.is_file():
-        from autosam_core.model_factory import build_autosam
+        from autosam_core.model_factory import trainable_state_template
 
-        model = build_autosam(fed.sam, fed.model, seed=fed.seed)  # DP g when the sites use DP
-        check_resume_checkpoint(fed, last, model.trainable_state())
+        # g's (and h's) keys and shapes, the DP g when the sites use DP; SAM's weights are not loaded
+        check_resume_checkpoint(fed, last, trainable_state_template(fed.sam, fed.model, seed=fed.seed))
     return fed, fed_path, sites, run_dir
 
 
