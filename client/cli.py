@@ -26,7 +26,8 @@ listening (waits up to ``--max-wait-time``, default 300 s), TLS on one side only
 signed by ``--root-certificates``; after the handshake: a key the coordinator did not register
 (exit 3), or the previous connection of this site still active: when the process that held it has
 stopped (SIGKILL, power cut; recorded in the site's state folder), the site signs that node off with its
-own key and connects again after 2 s (``SIGN_OFF_SETTLE_SECONDS``); otherwise it waits up to 75 s and rejoins by itself.
+own key before its SuperNode starts and connects 2 s later (``SIGN_OFF_SETTLE_SECONDS``; after a refused
+activation if that sign-off did not take); otherwise it waits up to 75 s and rejoins by itself.
 Exit codes: 0 run finished (or stopped by the operator), 1 Flower failed,
 2 configuration error (also when the site refused the coordinator's run because its own setup does not
 fit it, e.g. SAM weights with another fingerprint: the error reply is sent, then the site stops), 3 key
