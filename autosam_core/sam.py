@@ -126,7 +126,7 @@ class FrozenSam(nn.Module):
     """SAM's image encoder, prompt encoder and mask decoder, frozen for real.
 
     Frozen means: ``eval()`` mode (also after a parent's ``.train()``), no parameter requires grad,
-    the encoder runs under ``torch.inference_mode()``. ``Sam.forward`` is never called (it is
+    the encoder runs under ``torch.no_grad()``. ``Sam.forward`` is never called (it is
     ``no_grad``); :meth:`decode` calls the mask decoder directly so gradients reach the dense prompt.
 
     Args:
@@ -190,8 +190,12 @@ class FrozenSam(nn.Module):
             images: float32 (B, 3, S, S) from :meth:`preprocess` (stacked), any device.
 
         Returns:
-            image_embeddings float32 (B, 256, 64, 64) on SAM's device, an inference tensor (no
-            autograd history).
+            image_embeddings float32 (B, 256, 64, 64) on SAM's device, without autograd history.
+            Computed under ``torch.no_grad()``, not ``inference_mode()``: an inference tensor cannot
+            be saved for backward, and g's first convolution saves the embeddings it reads (the
+            ``sam_head`` preset) for its weight gradient. In bf16 the float32 cast made a normal
+            tensor anyway; in fp32 training without the cache raised a RuntimeError (found in
+            session 14 on a CPU without bf16 units).
 
         Raises:
             ValueError: wrong input shape, or an encoder output that is not (B, 256, 64, 64)
@@ -203,7 +207,7 @@ class FrozenSam(nn.Module):
             raise ValueError(
                 f"encode expects (B, 3, {self.spec.input_size}, {self.spec.input_size}), found {tuple(images.shape)}")
         device = self.device
-        with torch.inference_mode(), autocast(device, self.precision):
+        with torch.no_grad(), autocast(device, self.precision):
             out = self.image_encoder(images.to(device))
         self.check_embeddings(out, images.shape[0], "encode")
         return out.float()

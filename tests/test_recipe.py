@@ -367,3 +367,37 @@ def test_embed_fills_the_mirrored_entries_that_training_and_tta_read(tmp_path, c
         assert sum(not f.stem.endswith("-hflip") for f in files) == plain
         assert sum(f.stem.endswith("-hflip") for f in files) == mirrored
         assert ("mirrored images: 0 already cached, " in capsys.readouterr().out) == (mirrored > 0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_fast_bf16(), reason="this CPU has no bf16 units (emulated bf16 takes minutes here)"))])
+def test_sam_head_trains_without_the_cache_in_both_precisions(tiny_sam, tmp_path, precision):
+    # The uncached (paper-exact) path: SAM encodes each batch, and the sam_head g's first conv saves
+    # those embeddings for its weight gradient. Session 14 found that fp32 raised "Inference tensors
+    # cannot be saved for backward" (bf16's float32 cast had hidden it).
+    from PIL import Image
+
+    from autosam_core.config import DataRef
+    from autosam_core.data.dataset import resolve_pairs
+    from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
+    from autosam_core.training import train_epochs
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"im{i}.png")
+        m = np.zeros((32, 40), np.uint8)
+        m[4:20, 6:30] = 255
+        Image.fromarray(m, mode="L").save(tmp_path / "masks" / f"im{i}.png")
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head"), sam=tiny_sam, seed=0)
+    tiny_sam.set_precision(precision)
+    pairs = resolve_pairs(DataRef(dataset=str(tmp_path)))
+    loader = make_loader(AutoSamDataset(model, pairs, "none", cache=None), batch_size=2, shuffle=False)
+    before = {k: v.clone() for k, v in model.prompt_generator.state_dict().items()}
+    opt = torch.optim.Adam(model.prompt_generator.parameters(), lr=1e-3)
+    stats = train_epochs(model, loader, 1, opt, progress=False, recalibrate_bn=False)
+    assert stats["steps"] == 1 and math.isfinite(stats["loss"])
+    first_conv = model.prompt_generator.fusion[0].weight
+    assert not torch.equal(first_conv.detach(), before["fusion.0.weight"])  # the conv reading the embeddings learned
+    assert all(not p.requires_grad for p in tiny_sam.parameters())

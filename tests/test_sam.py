@@ -18,7 +18,8 @@ def test_tiny_sam_is_frozen(tiny_sam):
     assert sum(p.requires_grad for p in tiny_sam.parameters()) == 0
     emb = tiny_sam.encode(torch.zeros(1, 3, 256, 256))
     assert emb.shape == (1, 256, 64, 64)
-    assert torch.is_inference(emb)
+    assert emb.grad_fn is None and not emb.requires_grad  # no autograd history through the frozen encoder
+    assert not torch.is_inference(emb)  # but a tensor g's convolutions can save for backward (sam_head)
 
 
 def test_preprocess_normalises_once_and_pads_bottom_right(tiny_sam):
