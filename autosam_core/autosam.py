@@ -109,9 +109,10 @@ class AutoSam(nn.Module):
 
     def set_channels_last(self, enabled: bool) -> None:
         """Put g's weights, and its inputs in :meth:`dense_prompt`, in channels_last (NHWC) memory format
-        or back to contiguous. Same values; on this project's CPU oneDNN's convolutions are faster in
-        NHWC (sam_head g forward + backward, batch 4: 1.6x in bf16, 1.2x in fp32, issue 9). Exported
-        state (:meth:`trainable_state`) is always contiguous."""
+        or back to contiguous. Same values; on the Sapphire Rapids CPU (AVX-512) oneDNN's convolutions
+        are faster in NHWC (sam_head g forward + backward, batch 4: 1.6x in bf16, 1.2x in fp32, issue 9),
+        on an AVX2-only CPU slower; :func:`autosam_core.precision.prefers_channels_last` picks the
+        layout site training uses. Exported state (:meth:`trainable_state`) is always contiguous."""
         self._channels_last = bool(enabled)
         self.prompt_generator.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 

@@ -273,21 +273,24 @@ class SiteTrainer:
         ConfigError: missing dataset folder or empty training split (at construction).
     """
 
-    #: g in channels_last memory format while this trainer holds it (:meth:`AutoSam.set_channels_last`;
-    #: measured faster for g on CPU in fp32 and bf16); the DP trainer keeps the default layout for Opacus.
-    CHANNELS_LAST = True
+    #: g's memory format while this trainer holds it (:meth:`AutoSam.set_channels_last`): None decides
+    #: per device and precision (:func:`autosam_core.precision.prefers_channels_last`, measured); the
+    #: DP trainer fixes it to False for Opacus.
+    CHANNELS_LAST: bool | None = None
 
     def __init__(self, model: AutoSam, site: SiteConfig, cache_dir: Path | None = None,
                  base_dir: Path | None = None, progress: bool = True):
-        from .precision import resolve_device, resolve_precision
+        from .precision import prefers_channels_last, resolve_device, resolve_precision
 
         self.device = resolve_device(site.device)
         self.precision = resolve_precision(site.precision, self.device)
         model.sam.set_precision(self.precision)
         self.model, self.site, self.progress = model.to(self.device), site, progress
-        model.set_channels_last(self.CHANNELS_LAST)
-        log.info("site %s: device %s, precision %s%s", site.site_id, self.device, self.precision,
-                 ", g in channels_last" if self.CHANNELS_LAST else "")
+        channels_last = (prefers_channels_last(self.device, self.precision) if self.CHANNELS_LAST is None
+                         else self.CHANNELS_LAST)
+        model.set_channels_last(channels_last)
+        log.info("site %s: device %s, precision %s, g in %s", site.site_id, self.device, self.precision,
+                 "channels_last" if channels_last else "contiguous memory format")
         pairs = resolve_pairs(site.data, base_dir, unreadable="error")
         self.train_pairs, self.val_pairs = split_validation(pairs, site.val_fraction, seed=0)
         root = Path(site.cache_dir) if site.cache_dir else cache_dir

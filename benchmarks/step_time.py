@@ -9,7 +9,8 @@ Prints JSON with stable keys:
   over ``--steps`` after one warm-up step; on CUDA the half-precision row is bf16 where supported;
 - ``fp32_channels_last_seconds_per_step``, ``bf16_channels_last_seconds_per_step``,
   ``speedup_bf16_channels_last``: the same cached steps with g (weights and inputs) in channels_last
-  memory format, the layout site training uses (``SiteTrainer``);
+  memory format, the layout site training uses where
+  ``autosam_core.precision.prefers_channels_last`` says so (``prefers_channels_last`` in the JSON);
 - ``uncached_seconds_per_step``: the same step re-encoding every batch (paper-exact path), in the
   faster precision;
 - ``encoder_seconds_per_image_fp32`` / ``_bf16``: the frozen image encoder (inference);
@@ -39,7 +40,7 @@ from autosam_core.data.dataset import resolve_pairs
 from autosam_core.data.torch_dataset import AutoSamDataset, make_loader
 from autosam_core.model_factory import build_autosam
 from autosam_core.training import masked_loss_and_dice
-from autosam_core.precision import autocast, cpu_has_fast_bf16, resolve_device
+from autosam_core.precision import autocast, cpu_has_fast_bf16, prefers_channels_last, resolve_device
 from autosam_core.sam import SPECS, FrozenSam, load_frozen_sam
 
 
@@ -119,7 +120,8 @@ def main() -> None:
     model = build_autosam(SamConfig(), ModelConfig(preset=args.preset), sam=sam)
     pairs = resolve_pairs(DataRef(dataset="Kvasir-SEG", split="pranet_train", limit=n))
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                 "preset": args.preset, "sam": args.sam, "fast_half_precision": fast_half}
+                 "preset": args.preset, "sam": args.sam, "fast_half_precision": fast_half,
+                 "prefers_channels_last": {p: prefers_channels_last(device, p) for p in ("fp32", *halves)}}
     # contiguous g, then channels_last g (weights and inputs in NHWC, as SiteTrainer trains it)
     for layout in ("", "_channels_last"):
         model.set_channels_last(bool(layout))

@@ -4,6 +4,7 @@ boundary length, precision/device resolution, learning-rate schedule, presets.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,6 +201,45 @@ def test_precision_and_device_resolution():
         assert resolve_device("auto") == cpu
         with pytest.raises(ValueError, match="no CUDA GPU is available"):
             resolve_device("cuda:0")
+
+
+def test_channels_last_follows_the_measured_hardware_rule(monkeypatch, tiny_sam, tmp_path):
+    import autosam_core.precision as precision
+    from autosam_core.config import DataRef, SiteConfig
+    from autosam_core.training import SiteTrainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    avx2 = frozenset({"flags", "sse2", "avx", "avx2", "fma"})
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: avx2)
+    assert not precision.prefers_channels_last(cpu, "fp32") and not precision.cpu_has_fast_bf16()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: avx2 | {"avx512f", "avx512_bf16"})
+    assert precision.prefers_channels_last(cpu, "fp32") and precision.prefers_channels_last(cpu, "bf16")
+    assert precision.cpu_has_fast_bf16()
+    assert not precision.prefers_channels_last(cuda, "fp32")
+    assert precision.prefers_channels_last(cuda, "bf16") and precision.prefers_channels_last(cuda, "fp16")
+
+    from PIL import Image
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.full((16, 16), 255, np.uint8), mode="L").save(tmp_path / "masks" / "a.png")
+    site = SiteConfig(site_id="s", data=DataRef(dataset=str(tmp_path)), precision="fp32", val_fraction=0.0)
+    for flags, expected in ((avx2, False), (avx2 | {"avx512f"}, True)):
+        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: flags)
+        model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head"), sam=tiny_sam)
+        SiteTrainer(model, site, cache_dir=tmp_path / "cache", progress=False)
+        assert model.channels_last is expected
+        first = model.prompt_generator.fusion[0].weight
+        assert first.is_contiguous(memory_format=torch.channels_last) is expected
+
+
+def test_cpu_flags_are_read_from_the_flags_line():
+    import autosam_core.precision as precision
+
+    flags = precision._cpu_flags()
+    if Path("/proc/cpuinfo").is_file():
+        assert "fpu" in flags or not flags  # every x86 CPU lists fpu; empty only where the file has no flags line
+    assert precision.cpu_has_fast_bf16() == bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def test_cosine_schedule_by_hand():
