@@ -34,9 +34,17 @@ POLYP_BENCHMARKS = [
 ]
 
 
+#: The project's logger trees: ``-v`` puts these at DEBUG; third-party libraries stay at INFO (PIL's
+#: DEBUG lines alone were thousands per run).
+PROJECT_LOGGERS = ("autosam", "autosam_core", "autosam_fl", "server", "client")
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO)  # also where a handler was there before basicConfig
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 def format_table(results: dict[str, dict], title: str = "") -> str:
@@ -321,7 +329,8 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     ``autosam simulate`` is added by :mod:`server.autosam_cli` (the core never imports the server).
     """
     p = argparse.ArgumentParser(prog="autosam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logs of AutoSAM-FL (other libraries stay at INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="centralised training from a YAML config")

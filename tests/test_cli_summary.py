@@ -107,3 +107,23 @@ def test_finished_status_trusts_only_this_runs_completed_summary(tmp_path, monke
     summary.write_text("{not json")
     assert processes.finished_status("autosam", 5, {}, summary, t0) == ("finished:failed", "boom")
     assert asked == [1, 3, 4, 5]
+
+
+def test_verbose_puts_only_the_projects_loggers_at_debug():
+    import logging
+
+    from autosam_core import cli
+
+    root_level = logging.getLogger().level
+    try:
+        cli._setup_logging(True)
+        for name in ("autosam", "autosam_core.training", "server.runner", "client.app", "autosam_fl.connect"):
+            assert logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+        assert not logging.getLogger("PIL.PngImagePlugin").isEnabledFor(logging.DEBUG)
+        cli._setup_logging(False)
+        assert not logging.getLogger("autosam_core.training").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("autosam_core.training").isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger().setLevel(root_level)
+        for name in cli.PROJECT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
