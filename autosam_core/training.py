@@ -300,6 +300,12 @@ class SiteTrainer:
         self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache, hflip_p=site.hflip)
 
     @property
+    def training_precision(self) -> str:
+        """The precision g trains in here: ``fp32``, ``bf16`` or ``fp16`` (the site's resolved
+        ``precision``; the DP trainer always trains in fp32)."""
+        return self.precision
+
+    @property
     def num_examples(self) -> int:
         """Number of training samples at this site."""
         return len(self.train_pairs)

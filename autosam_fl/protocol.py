@@ -75,6 +75,12 @@ STATUS = "status"
 REASON = "reason"
 STATUS_TRAINED = "trained"
 STATUS_SKIPPED = "skipped"
+#: Train replies: the device type and the precision the site trained g in (issue 9: the chosen
+#: precision is reported); fixed values only, never a device index or a host name.
+DEVICE = "device"
+PRECISION = "precision"
+DEVICE_VALUES = frozenset({"cpu", "cuda"})
+PRECISION_VALUES = frozenset({"fp32", "bf16", "fp16"})
 
 # ----- allow-lists: the only things a site's reply may carry --------------------------------------
 #: Numeric metrics of a train reply (MetricRecord ``metrics``), each a single int or float, never a list.
@@ -89,7 +95,7 @@ UNIT_INTERVAL_METRICS = frozenset({"train_dice", "val_dice", "val_iou", "delta"}
 #: Metrics that may be +inf (epsilon of a noise-free run); every other value must be finite.
 MAY_BE_INFINITE = frozenset({"epsilon"})
 #: String fields of the ``site`` ConfigRecord (the only strings a reply may carry).
-SITE_RECORD_KEYS = frozenset({SITE_ID, STATUS, REASON})
+SITE_RECORD_KEYS = frozenset({SITE_ID, STATUS, REASON, DEVICE, PRECISION})
 STATUS_VALUES = frozenset({STATUS_TRAINED, STATUS_SKIPPED})
 _NUM = r"[-+0-9.eE]+|inf|nan"
 #: The only texts allowed in ``reason``: fixed wording, numbers only (no file names, no stems).

@@ -322,9 +322,15 @@ def train_metrics(stats: dict, epochs: int, num_examples: int) -> MetricRecord:
     return metrics
 
 
-def site_record(site_id: str, stats: dict | None = None) -> ConfigRecord:
-    """The reply's ``site`` ConfigRecord: ``site-id``; for train replies ``status`` (+ ``reason`` when skipped)."""
+def site_record(site_id: str, stats: dict | None = None, device: str | None = None,
+                precision: str | None = None) -> ConfigRecord:
+    """The reply's ``site`` ConfigRecord: ``site-id``; for train replies ``status`` (+ ``reason`` when
+    skipped) and the ``device`` type and ``precision`` g was trained in (:attr:`SiteTrainer.training_precision`)."""
     rec = ConfigRecord({P.SITE_ID: site_id})
+    if device is not None:
+        rec[P.DEVICE] = device
+    if precision is not None:
+        rec[P.PRECISION] = precision
     if stats is not None:
         reason = stats.get("skip_reason")
         rec[P.STATUS] = P.STATUS_SKIPPED if reason else P.STATUS_TRAINED
@@ -398,7 +404,8 @@ def train(msg: Message, context: Context) -> Message:
         content = RecordDict({
             P.ARRAYS: to_wire(rt.model.trainable_state(), dtype),
             P.METRICS: train_metrics(stats, epochs, rt.trainer.num_examples),
-            P.SITE: site_record(label, stats),
+            P.SITE: site_record(label, stats, device=rt.trainer.device.type,
+                                precision=rt.trainer.training_precision),
         })
         if rt.audit is not None:
             rt.audit.audit(content, "train", run_id=context.run_id, server_round=server_round,

@@ -49,14 +49,15 @@ def model_hash(fed: FederationConfig) -> str:
 
 
 def checkpoint_metadata(fed: FederationConfig, server_round: int, state: dict, validation: dict | None = None,
-                        best: dict | None = None) -> dict:
+                        best: dict | None = None, runtime: dict | None = None) -> dict:
     """Metadata of a round's checkpoint: the full ``sam`` and ``model`` configs (``model.dp_compatible``
     included, so :func:`autosam_core.model_factory.model_from_checkpoint` rebuilds the same g), the round,
-    hashes, validation and the best round so far."""
+    hashes, validation, the best round so far and ``runtime`` (the device and precision of the central
+    evaluation and of each site's training, :meth:`FederationRunner.runtime`)."""
     return {"server_round": server_round, "config_hash": config_hash(fed), "model_hash": model_hash(fed),
             "backbone": fed.model.backbone, "sam_kind": fed.sam.kind,
             "sam": fed.sam.model_dump(), "model": fed.model.model_dump(),
-            "federation": fed.name, "validation": validation, "best": best,
+            "federation": fed.name, "validation": validation, "best": best, "runtime": runtime,
             "state_sha256": outputs.state_digest(state)}
 
 
@@ -146,6 +147,7 @@ class FederatedServer:
         self.offset = 0
         self.best: dict | None = None
         self.summary: dict[str, Any] = {}
+        self._announced: set[str] = set()  # sites whose device/precision has been logged
         self._handlers: list[logging.Handler] = []
         self._t0 = time.time()
         self._t_last = self._t0
@@ -240,6 +242,8 @@ class FederatedServer:
                                           **runtime) if fed.evaluate else None
         self.val_evaluator = CentralEvaluator(self.model, fed.validation, self.cache_dir,
                                               base_dir=self.fed_path.parent, **runtime) if fed.validation else None
+        sam = self.model.sam
+        log.info("central evaluation: device %s, precision %s", sam.device, sam.precision)
         self.strategy = build_strategy(
             fed.strategy.name, fed.strategy.mu, min_sites=fed.min_sites, round_timeout=fed.round_timeout,
             node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset,
@@ -304,7 +308,7 @@ class FederatedServer:
                        aggregated=report.aggregated, reply_keys_ok=report.reply_keys_ok,
                        download_bytes=report.download_bytes)
         if server_round > 0:
-            meta = checkpoint_metadata(self.fed, rnd, state, validation, self.best)
+            meta = checkpoint_metadata(self.fed, rnd, state, validation, self.best, runtime=self.runtime())
             if validation and (self.best is None or validation["dice"] > self.best["val_dice"]):
                 self.best = {"round": rnd, "val_dice": validation["dice"], "source": validation["source"]}
                 meta["best"] = self.best
@@ -322,9 +326,25 @@ class FederatedServer:
             flat["val_dice"] = float(validation["dice"])
         return MetricRecord(flat) if flat else None
 
+    def runtime(self) -> dict:
+        """``{"central_evaluation": {"device", "precision"}, "sites": {site: {"device", "precision"}}}``:
+        where and in which precision the coordinator evaluates and each site last trained g (from the
+        sites' train replies; a site that never replied is absent)."""
+        sam = self.model.sam
+        sites: dict[str, dict] = {}
+        for rec in self.history:
+            for s, v in (rec.get("sites") or {}).items():
+                if v.get("precision") is not None:
+                    sites[s] = {"device": v.get("device"), "precision": v["precision"]}
+        return {"central_evaluation": {"device": str(sam.device), "precision": sam.precision}, "sites": sites}
+
     def _log_round(self, rec: dict, report) -> None:
         parts = [f"round {rec['round']}/{self.fed.rounds}"]
         if report is not None:
+            for s, v in report.sites.items():
+                if v.get("precision") is not None and s not in self._announced:
+                    self._announced.add(s)
+                    log.info("site %s trains g on %s in %s", s, v.get("device"), v["precision"])
             ok = ", ".join(f"{s}({v['num_examples']})" for s, v in report.sites.items()) or "none"
             parts.append(f"sites ok: {ok}")
             eps = [f"{s} {v['epsilon']:.4g}" + (f"/{v['target_epsilon']:g}" if v.get("target_epsilon") else "")
@@ -364,6 +384,7 @@ class FederatedServer:
             "rounds_completed": max([r["round"] for r in self.history], default=0),
             "resumed_from": self.resumed_from if hasattr(self, "resumed_from") else None,
             "best": self.best, "num_examples_per_site": sites_n, "bytes_per_site_per_round": bytes_site,
+            "runtime": self.runtime() if hasattr(self, "model") else None,
             "privacy": outputs.privacy_summary(self.history),
             "wall_seconds": time.time() - self._t0, "rounds": self.history, "run_dir": str(self.run_dir),
         })

@@ -203,7 +203,7 @@ class RobustAggregation:
             info["upload_bytes"] = arrayrecord_nbytes(next(iter(content.array_records.values())))
             info["download_bytes"] = report.download_bytes
             info["node_id"] = node
-            for key in (P.STATUS, P.REASON):
+            for key in (P.STATUS, P.REASON, P.DEVICE, P.PRECISION):
                 if site_rec is not None and site_rec.get(key) is not None:
                     info[key] = str(site_rec[key])
             report.sites[site] = info

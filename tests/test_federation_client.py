@@ -76,6 +76,11 @@ def test_train_reply_holds_only_trainable_state_with_dtypes(federation, initial_
     assert metrics[P.NUM_EXAMPLES] == 2  # 3 images, 1 held out for validation (val_fraction 0.34)
     assert set(metrics) >= {"train_loss", "train_dice", "train_seconds", "local_epochs"}
     assert content[P.SITE][P.SITE_ID] == "site_a"
+    from autosam_core.precision import cpu_has_fast_bf16
+
+    # the site reports where and in which precision it trained g (auto: bf16 only with bf16 units)
+    assert content[P.SITE][P.DEVICE] == "cpu"
+    assert content[P.SITE][P.PRECISION] == ("bf16" if cpu_has_fast_bf16() else "fp32")
     # built once per process: a second round reuses the same AutoSam (and SAM)
     models_before = dict(client_app._MODELS)
     client_app.train(_instruction(got, 7, 2), _context(7, {P.NODE_SITE_CONFIG: str(site_yaml)}))

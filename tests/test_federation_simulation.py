@@ -82,6 +82,12 @@ def test_site_failure_then_resume(tmp_path, no_leftover_processes):
     for rec in s1["rounds"][1:]:  # every reply carried only g/h keys
         assert rec["reply_keys_ok"] and all(rec["reply_keys_ok"].values())
     assert s1["num_examples_per_site"] == {"site_a": 1, "site_b": 1, "site_c": 1}
+    from autosam_core.precision import cpu_has_fast_bf16
+
+    auto = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert s1["runtime"]["central_evaluation"] == {"device": "cpu", "precision": auto}
+    assert s1["runtime"]["sites"] == {s: {"device": "cpu", "precision": auto} for s in ("site_a", "site_b", "site_c")}
+    assert f"site site_a trains g on cpu in {auto}" in log and f"central evaluation: device cpu, precision {auto}" in log
     assert all(v["upload"] > 0 for v in s1["bytes_per_site_per_round"].values())
     assert s1["best"]["round"] in (1, 2) and (run_dir / "checkpoints" / "best.pt").is_file()
     for name in ("global_dice.png", "predictions.png"):
@@ -90,6 +96,7 @@ def test_site_failure_then_resume(tmp_path, no_leftover_processes):
     ck2 = _ckpt_state(run_dir / "checkpoints" / "last.pt")
     assert ck2["metadata"]["server_round"] == 2 and ck2["metadata"]["backbone"] == s1["backbone"]
     assert ck2["metadata"]["config_hash"] == s1["config_hash"]
+    assert ck2["metadata"]["runtime"] == s1["runtime"]
     digest2 = state_digest(ck2["trainable_state"])
 
     # stop after 2 rounds, resume for a third

@@ -130,3 +130,13 @@ def test_audit_blocks_packed_arrays_with_values_the_layout_does_not_name():
     assert len(problems) == 1 and "do not match their layout" in problems[0] and "accounts for" in problems[0]
     renamed = pack_arrays({("sam.image_encoder.w" if k == "prompt_generator.conv.weight" else k): v for k, v in state.items()})
     assert any("'sam.image_encoder.w'" in p for p in check_arrays(renamed, expected))
+
+
+def test_audit_allows_only_fixed_device_and_precision_texts_in_the_site_record():
+    from client.audit import check_site_record
+
+    assert check_site_record({P.SITE_ID: "a", P.DEVICE: "cuda", P.PRECISION: "bf16"}, "a") == []
+    bad = check_site_record({P.SITE_ID: "a", P.DEVICE: "cuda:1", P.PRECISION: "int8"}, "a")
+    assert len(bad) == 2 and "'device'" in bad[0] and "'precision'" in bad[1]
+    bad = check_site_record({P.SITE_ID: "a", P.DEVICE: "gpu-node-07.hospital.local"}, "a")  # a host name never leaves
+    assert len(bad) == 1 and "not one of ['cpu', 'cuda']" in bad[0]

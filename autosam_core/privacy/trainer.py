@@ -254,6 +254,11 @@ class DPSiteTrainer(SiteTrainer):
 
     CHANNELS_LAST = False  # Opacus' per-sample gradient hooks run on g in its default layout
 
+    @property
+    def training_precision(self) -> str:
+        """DP-SGD always trains g in fp32 (the site's precision applies to SAM and evaluation only)."""
+        return "fp32"
+
     def __init__(self, model: AutoSam, site: SiteConfig, state_dir: str | Path, cache_dir: Path | None = None,
                  base_dir: Path | None = None, progress: bool = True, planned_rounds: int | None = None):
         if site.privacy is None:
