@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainJobConfig, config_hash, yaml_relative
 from .data.cache import EmbeddingCache
-from .data.dataset import resolve_pairs, split_validation
+from .data.dataset import resolve_ref, split_validation
 from .data.io import load_image
 from .data.torch_dataset import AutoSamDataset, make_loader
 from .evaluation import evaluate_pairs, evaluate_refs
@@ -52,15 +52,21 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def training_split(cfg: TrainJobConfig, base: Path) -> tuple[list, list]:
+def training_split(cfg: TrainJobConfig, base: Path, where: str | None = None) -> tuple[list, list]:
     """(train pairs, validation pairs) of a training YAML: every pair of ``cfg.train_data`` (unreadable
     files raise), ``train.val_fraction`` of them held out, seeded by ``train.seed``. The one place the
     hold-out is drawn: :func:`train_central` and ``autosam evaluate --validation`` use it.
 
+    Args:
+        where: the YAML's path, named in errors with the key (``train_data.<i>.dataset`` ...); default
+            ``<base>/<training YAML>``.
+
     Raises:
-        ConfigError: missing/unreadable data.
+        ConfigError: missing/unreadable data (names the file and the key).
     """
-    pairs = [p for ref in cfg.train_data for p in resolve_pairs(ref, base, unreadable="error")]
+    where = where or str(Path(base) / "<training YAML>")
+    pairs = [p for i, ref in enumerate(cfg.train_data)
+             for p in resolve_ref(ref, base, where, f"train_data.{i}", unreadable="error")]
     return split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)
 
 
@@ -91,9 +97,9 @@ def train_central(cfg: TrainJobConfig, config_path: str | Path, output: str | Pa
         ConfigError: missing/unreadable data; FloatingPointError: the loss became non-finite.
     """
     base = Path(config_path).resolve().parent
-    train_pairs, val_pairs = training_split(cfg, base)
-    for ref in cfg.evaluate:
-        resolve_pairs(ref, base)
+    train_pairs, val_pairs = training_split(cfg, base, where=str(config_path))
+    for i, ref in enumerate(cfg.evaluate):
+        resolve_ref(ref, base, str(config_path), f"evaluate.{i}")
     out = Path(output) if output else yaml_relative(cfg.output_dir, base) / cfg.name
     cache_dir = yaml_relative(cfg.cache_dir, base)
     out.mkdir(parents=True, exist_ok=True)

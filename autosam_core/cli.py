@@ -175,7 +175,7 @@ def _evaluate_validation(model, args: argparse.Namespace) -> dict:
         raise ConfigError(f"{args.config}: train.val_fraction is {cfg.train.val_fraction}: it holds out no "
                           "validation images")
     base = Path(args.config).resolve().parent
-    _, val_pairs = training_split(cfg, base)
+    _, val_pairs = training_split(cfg, base, where=str(args.config))
     cache = EmbeddingCache(model.sam, args.cache_dir or yaml_relative(cfg.cache_dir, base))
     r = evaluate_pairs(model, val_pairs, cache, surrogate=args.surrogate, progress=True, desc="validation")
     r.pop("per_image")

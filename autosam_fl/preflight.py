@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autosam_core.config import ConfigError, DataRef, FederationConfig, SiteConfig, load_yaml_config
+from autosam_core.data.dataset import resolve_ref  # noqa: F401  (also imported from here by client.cli and tests)
 
 
 @dataclass
@@ -72,30 +73,6 @@ def site_yaml_paths(fed: FederationConfig, fed_path: Path) -> list[Path]:
         p = Path(s).expanduser()
         out.append((p if p.is_absolute() else fed_path.parent / p).resolve())
     return out
-
-
-def resolve_ref(ref: DataRef, base_dir: Path, where: str, key: str, unreadable: str = "skip"):
-    """Image/mask pairs of ``ref``, with errors naming ``where`` (a file) and ``key``.
-
-    ``unreadable``: ``"error"`` for training data (an image or mask that does not decode stops the
-    run before it starts), ``"skip"`` for evaluation data (see :func:`autosam_core.data.dataset.resolve_pairs`).
-
-    Raises:
-        ConfigError: dataset folder missing (key ``<key>.dataset``), split file missing
-        (``<key>.split``) or no usable pair (``<key>``).
-    """
-    from autosam_core.data.dataset import resolve_dataset_dir, resolve_pairs
-
-    try:
-        resolve_dataset_dir(ref, base_dir)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: key '{key}.dataset': {err}") from None
-    try:
-        return resolve_pairs(ref, base_dir, unreadable=unreadable)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{where}: key '{key}.split': {err}; fix the split name or remove it") from None
-    except ValueError as err:
-        raise ConfigError(f"{where}: key '{key}': {err}; point it at a split with image/mask pairs") from None
 
 
 def _pair_keys(pairs) -> set[tuple[str, str]]:

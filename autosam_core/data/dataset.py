@@ -44,6 +44,7 @@ __all__ = [
     "list_splits",
     "pair_by_stem",
     "verify_pixels",
+    "resolve_ref",
 ]
 
 #: Recognised image file extensions (lower case; matching is case-insensitive).
@@ -489,3 +490,27 @@ def split_validation(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple
     random.Random(seed).shuffle(idx)
     val = set(idx[:n_val])
     return [p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val]
+
+
+def resolve_ref(ref: "DataRef", base_dir: Path | None, where: str, key: str, unreadable: str = "skip") -> list[Pair]:
+    """Image/mask pairs of ``ref``, with errors naming ``where`` (a file) and ``key``.
+
+    ``unreadable``: ``"error"`` for training data (an image or mask that does not decode stops the
+    run before it starts), ``"skip"`` for evaluation data (see :func:`resolve_pairs`).
+
+    Raises:
+        ConfigError: dataset folder missing (key ``<key>.dataset``), split file missing
+        (``<key>.split``) or no usable pair (``<key>``).
+    """
+    from ..config import ConfigError
+
+    try:
+        resolve_dataset_dir(ref, base_dir)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: key '{key}.dataset': {err}") from None
+    try:
+        return resolve_pairs(ref, base_dir, unreadable=unreadable)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{where}: key '{key}.split': {err}; fix the split name or remove it") from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: key '{key}': {err}; point it at a split with image/mask pairs") from None
