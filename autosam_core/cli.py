@@ -377,11 +377,13 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     _add_runtime_arguments(m)
     m.set_defaults(func=cmd_embed)
 
-    i = sub.add_parser("info", help="parameter counts and shapes")
+    i = sub.add_parser("info", help="parameter counts and shapes of a g preset (default: paper)")
     i.add_argument("--json", action="store_true")
     i.add_argument("--sam", default="lite_medsam")
     i.add_argument("--sam-checkpoint")
-    i.add_argument("--preset", choices=("paper", "sam_head"), default="paper")
+    i.add_argument("--preset", choices=("paper", "sam_head"), default="paper",
+                   help="g to describe (default paper: the paper's HarDNet-85 g, a YAML's default without "
+                        "model.preset; every shipped polyp YAML and the demo use sam_head)")
     i.add_argument("--backbone", help="override the preset's g backbone (hardnet85, hardnet68, timm:<name>)")
     i.add_argument("--g-input-size", type=int, default=256)
     i.set_defaults(func=cmd_info)
