@@ -167,3 +167,24 @@ def test_real_cvc_clinicdb_pranet_test():
     assert image.shape == (288, 384, 3) and image.dtype == np.uint8
     assert mask.shape == (288, 384) and mask.dtype == np.uint8
     assert set(np.unique(mask).tolist()) <= {0, 1}
+
+
+def test_a_misspelt_dataset_name_gets_the_closest_names_in_the_error(tmp_path, monkeypatch):
+    from autosam_core.config import ConfigError, DataRef
+    from autosam_core.data.dataset import resolve_dataset_dir
+
+    for name in ("Kvasir-SEG", "CVC-ClinicDB", "CVC-ColonDB"):
+        (tmp_path / name / "images").mkdir(parents=True)
+        (tmp_path / name / "masks").mkdir()
+    (tmp_path / "Kvasir-SEG-notes").mkdir()  # no images/ and masks/: never suggested
+    monkeypatch.setenv("AUTOSAM_DATA", str(tmp_path))
+    assert resolve_dataset_dir(DataRef(dataset="Kvasir-SEG")) == tmp_path / "Kvasir-SEG"
+    with pytest.raises(ConfigError) as err:
+        resolve_dataset_dir(DataRef(dataset="Kvasr-SEG"))
+    assert "did you mean 'Kvasir-SEG'?" in str(err.value) and "notes" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        resolve_dataset_dir(DataRef(dataset="CVC-ClinicDBB"))
+    assert "'CVC-ClinicDB'" in str(err.value).split("did you mean", 1)[1]
+    with pytest.raises(ConfigError) as err:
+        resolve_dataset_dir(DataRef(dataset="GlaS"))
+    assert "did you mean" not in str(err.value)

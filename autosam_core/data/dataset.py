@@ -410,8 +410,12 @@ def resolve_dataset_dir(ref: DataRef, base_dir: Path | None = None) -> Path:
     the data root (``$AUTOSAM_DATA`` or ``../shared/data``).
 
     Raises:
-        ConfigError: the folder does not exist or lacks images/ and masks/.
+        ConfigError: the folder does not exist or lacks images/ and masks/ (names the places tried and,
+            for a relative name, the closest dataset names found beside them: ``Kvasr-SEG`` ->
+            ``Kvasir-SEG``).
     """
+    import difflib
+
     from ..config import ConfigError
 
     p = Path(ref.dataset)
@@ -419,8 +423,15 @@ def resolve_dataset_dir(ref: DataRef, base_dir: Path | None = None) -> Path:
     for c in candidates:
         if (c / "images").is_dir() and (c / "masks").is_dir():
             return c
+    hint = ""
+    if not p.is_absolute() and len(p.parts) == 1:
+        names = sorted({d.name for c in candidates if c.parent.is_dir() for d in c.parent.iterdir()
+                        if (d / "images").is_dir() and (d / "masks").is_dir()})
+        close = difflib.get_close_matches(p.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {' or '.join(map(repr, close))}?"
     raise ConfigError(
-        f"dataset {ref.dataset!r}: no folder with images/ and masks/ at {', '.join(map(str, candidates))}; "
+        f"dataset {ref.dataset!r}: no folder with images/ and masks/ at {', '.join(map(str, candidates))}{hint}; "
         "fix the 'dataset' key or set AUTOSAM_DATA to the data root")
 
 
