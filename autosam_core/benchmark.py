@@ -28,7 +28,7 @@ import torch
 
 from .autosam import AutoSam
 from .config import DataRef
-from .data.cache import EmbeddingCache
+from .data.cache import EmbeddingCache, mirror
 from .data.io import load_image, load_mask
 from .boundary import boundary_ratio
 from .metrics import dice_iou
@@ -85,11 +85,15 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 @torch.no_grad()
 def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_embeddings: torch.Tensor,
-                    methods: list[str]) -> dict[str, tuple[float, float, float, np.ndarray]]:
+                    methods: list[str], mirrored_embeddings: torch.Tensor | None = None
+                    ) -> dict[str, tuple[float, float, float, np.ndarray]]:
     """Run every method on one image.
 
     Args:
         image: uint8 (H, W, 3); mask: (H, W) {0, 1}; image_embeddings: (256, 64, 64).
+        mirrored_embeddings: (256, 64, 64) of the image mirrored left-right; needed when ``model.tta``
+            is "hflip", which the ``autosam`` row (and ``sam_autosam_mask``, which reads its mask) then
+            uses exactly as :meth:`AutoSam.predict_low_res` does; the other rows never mirror.
 
     Returns:
         {method: (dice, iou, seconds, predicted mask bool (H, W), boundary ratio or None)}; methods
@@ -113,10 +117,19 @@ def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_e
     with autocast(sam.device, sam.precision):
         dense = model.dense_prompt(emb, g_in)  # g(I) once, shared by SAM(g(I)) and h(g(I))
     t_g = time.perf_counter() - t0
-    auto_low = sam.decode(emb, dense)
-    if model.refine != "none":  # the model's own automatic refinement (no ground truth), on the same first pass
+    valid = [resized_shape((H, W), sam.spec.low_res_size[0])]
+    if model.tta == "hflip":  # first pass averaged with the mirrored image's, then the model's refinement
+        if mirrored_embeddings is None:
+            raise ValueError("benchmark_image: the model's tta is 'hflip' but no mirrored_embeddings were given")
+        emb_m = mirrored_embeddings.reshape(1, *mirrored_embeddings.shape[-3:]).float().to(sam.device)
+        g_m = model.g_input(mirror(image))[None] if model.reads_images else None
         with autocast(sam.device, sam.precision):
-            auto_low = model.refine_low_res(emb, auto_low, dense, valid=[resized_shape((H, W), sam.spec.low_res_size[0])])
+            auto_low = model.predict_low_res(emb, g_in, valid=valid, mirrored_embeddings=emb_m, mirrored_g_inputs=g_m)
+    else:
+        auto_low = sam.decode(emb, dense)
+        if model.refine != "none":  # the model's own automatic refinement (no ground truth), on the same first pass
+            with autocast(sam.device, sam.precision):
+                auto_low = model.refine_low_res(emb, auto_low, dense, valid=valid)
     if "autosam" in methods:
         finish("autosam", auto_low, t0)
     if "surrogate" in methods and model.surrogate_decoder is not None:
@@ -164,13 +177,17 @@ def run_benchmark(model: AutoSam, refs: list[DataRef], out_dir: str | Path, meth
     for ref in refs:
         pairs = resolve_pairs(ref, base_dir)
         cache.ensure([p.image_path for p in pairs], load_image, progress=progress, desc=f"{ref.label}: SAM embeddings")
+        if model.tta == "hflip":
+            cache.ensure([p.image_path for p in pairs], load_image, progress=progress,
+                         desc=f"{ref.label}: SAM embeddings, mirrored", hflip=True)
         per = defaultdict(list)
         sizes, skipped_empty, shown = set(), 0, []
         for k, pair in enumerate(tqdm(pairs, desc=f"benchmark {ref.label}", disable=not progress, leave=False)):
             image, mask = load_image(pair.image_path), load_mask(pair.mask_path)
             sizes.add(f"{image.shape[1]}x{image.shape[0]}")
             skipped_empty += int(not mask.any())
-            r = benchmark_image(model, image, mask, cache.get(pair.image_path), methods)
+            r = benchmark_image(model, image, mask, cache.get(pair.image_path), methods,
+                                mirrored_embeddings=cache.get(pair.image_path, hflip=True) if model.tta == "hflip" else None)
             for name, (d, j, s, _, br) in r.items():
                 per[name].append((d, j, s, br))
             if k < examples:
@@ -212,7 +229,8 @@ def format_markdown(results: dict) -> str:
     meta = results.get("meta", {})
     lines = ["# AutoSAM-FL benchmark", "",
              f"Ours: SAM `{meta.get('sam_kind', '?')}`, g `{meta.get('preset') or meta.get('backbone', '?')}`"
-             f"{' (refine: ' + meta['refine'] + ')' if meta.get('refine', 'none') != 'none' else ''}, "
+             f"{' (refine: ' + meta['refine'] + ')' if meta.get('refine', 'none') != 'none' else ''}"
+             f"{' (tta: ' + meta['tta'] + ')' if meta.get('tta', 'none') != 'none' else ''}, "
              f"checkpoint `{meta.get('checkpoint', '?')}`. {meta.get('training', '')}".strip(),
              f"Paper: {PAPER_BACKBONE}. Paper numbers are the published ones, not re-measured.", "",
              "Dice and IoU in %, per image at the original size (logits > 0), averaged over images.",

@@ -314,7 +314,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _apply_inference_options(model, args)
     refs = _refs_from_args(args)
     info = {"checkpoint": str(args.checkpoint), "sam_kind": meta.get("sam_kind"), "backbone": meta.get("backbone"),
-            "preset": (meta.get("model") or {}).get("preset"), "refine": model.refine,
+            "preset": (meta.get("model") or {}).get("preset"), "refine": model.refine, "tta": model.tta,
             "training": meta.get("training", "")}
     results = run_benchmark(model, refs, args.output, cache_dir=args.cache_dir, meta=info)
     print(format_markdown(results))
@@ -368,7 +368,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="first N images of each split")
     b.add_argument("--output", default="benchmark", help="folder for BENCHMARK.md, benchmark.json, plots")
     b.add_argument("--cache-dir")
-    _add_inference_arguments(b, tta=False)
+    _add_inference_arguments(b)
     _add_runtime_arguments(b)
     b.set_defaults(func=cmd_benchmark)
 
