@@ -160,7 +160,8 @@ class AutoSam(nn.Module):
     def predict_low_res(self, image_embeddings: torch.Tensor, g_inputs: torch.Tensor | None,
                         valid: list[tuple[int, int]] | None = None,
                         mirrored_embeddings: torch.Tensor | None = None,
-                        mirrored_g_inputs: torch.Tensor | None = None) -> torch.Tensor:
+                        mirrored_g_inputs: torch.Tensor | None = None,
+                        dense_prompt_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Inference: :meth:`forward` (with ``tta`` "hflip": the mean of its low_res_logits and those
         of the mirrored image mapped back, :func:`mirror_low_res`), then (``refine`` "box" /
         "box_only") SAM prompted again with the box of each connected component of that mask
@@ -173,6 +174,8 @@ class AutoSam(nn.Module):
             mirrored_embeddings / mirrored_g_inputs: the same for each image mirrored left-right
                 before encoding (``EmbeddingCache.get(path, hflip=True)``, ``g_input(mirror(image))``);
                 needed by ``tta`` "hflip" (g_inputs only for a g that reads images), ignored otherwise.
+            dense_prompt_embeddings: g(I) of these images (B, 256, 64, 64) when the caller has already
+                computed it (the benchmark shares it with h); None computes it here.
 
         Returns:
             low_res_logits float32 (B, 1, 256, 256).
@@ -180,7 +183,8 @@ class AutoSam(nn.Module):
         Raises:
             ValueError: ``tta`` "hflip" without the mirrored inputs it needs.
         """
-        dense = self.dense_prompt(image_embeddings, g_inputs)
+        dense = (self.dense_prompt(image_embeddings, g_inputs) if dense_prompt_embeddings is None
+                 else dense_prompt_embeddings)
         first = self.sam.decode(image_embeddings, dense)
         if self.tta == "hflip":
             if mirrored_embeddings is None or (self.reads_images and mirrored_g_inputs is None):

@@ -117,19 +117,16 @@ def benchmark_image(model: AutoSam, image: np.ndarray, mask: np.ndarray, image_e
     with autocast(sam.device, sam.precision):
         dense = model.dense_prompt(emb, g_in)  # g(I) once, shared by SAM(g(I)) and h(g(I))
     t_g = time.perf_counter() - t0
-    valid = [resized_shape((H, W), sam.spec.low_res_size[0])]
-    if model.tta == "hflip":  # first pass averaged with the mirrored image's, then the model's refinement
+    emb_m = g_m = None
+    if model.tta == "hflip":
         if mirrored_embeddings is None:
             raise ValueError("benchmark_image: the model's tta is 'hflip' but no mirrored_embeddings were given")
         emb_m = mirrored_embeddings.reshape(1, *mirrored_embeddings.shape[-3:]).float().to(sam.device)
         g_m = model.g_input(mirror(image))[None] if model.reads_images else None
-        with autocast(sam.device, sam.precision):
-            auto_low = model.predict_low_res(emb, g_in, valid=valid, mirrored_embeddings=emb_m, mirrored_g_inputs=g_m)
-    else:
-        auto_low = sam.decode(emb, dense)
-        if model.refine != "none":  # the model's own automatic refinement (no ground truth), on the same first pass
-            with autocast(sam.device, sam.precision):
-                auto_low = model.refine_low_res(emb, auto_low, dense, valid=valid)
+    with autocast(sam.device, sam.precision):  # the model's own inference (tta, refinement), reusing g(I)
+        auto_low = model.predict_low_res(emb, g_in, valid=[resized_shape((H, W), sam.spec.low_res_size[0])],
+                                         mirrored_embeddings=emb_m, mirrored_g_inputs=g_m,
+                                         dense_prompt_embeddings=dense)
     if "autosam" in methods:
         finish("autosam", auto_low, t0)
     if "surrogate" in methods and model.surrogate_decoder is not None:

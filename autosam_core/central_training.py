@@ -52,19 +52,17 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def training_split(cfg: TrainJobConfig, base: Path, where: str | None = None) -> tuple[list, list]:
+def training_split(cfg: TrainJobConfig, base: Path, where: str) -> tuple[list, list]:
     """(train pairs, validation pairs) of a training YAML: every pair of ``cfg.train_data`` (unreadable
     files raise), ``train.val_fraction`` of them held out, seeded by ``train.seed``. The one place the
     hold-out is drawn: :func:`train_central` and ``autosam evaluate --validation`` use it.
 
     Args:
-        where: the YAML's path, named in errors with the key (``train_data.<i>.dataset`` ...); default
-            ``<base>/<training YAML>``.
+        where: the YAML's path, named in errors with the key (``train_data.<i>.dataset`` ...).
 
     Raises:
         ConfigError: missing/unreadable data (names the file and the key).
     """
-    where = where or str(Path(base) / "<training YAML>")
     pairs = [p for i, ref in enumerate(cfg.train_data)
              for p in resolve_ref(ref, base, where, f"train_data.{i}", unreadable="error")]
     return split_validation(pairs, cfg.train.val_fraction, cfg.train.seed)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autosam_core.config import ConfigError, DataRef, FederationConfig, SiteConfig, load_yaml_config
-from autosam_core.data.dataset import resolve_ref  # noqa: F401  (also imported from here by client.cli and tests)
+from autosam_core.data.dataset import resolve_ref
 
 
 @dataclass

@@ -112,7 +112,7 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
         training sample (names the file and the key).
     """
     from autosam_core.data.dataset import split_validation
-    from autosam_fl.preflight import resolve_ref
+    from autosam_core.data.dataset import resolve_ref
 
     p = Path(path).expanduser().resolve()
     site = load_yaml_config(p, SiteConfig)
