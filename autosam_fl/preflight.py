@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from autosam_core.config import ConfigError, DataRef, FederationConfig, SiteConfig, load_yaml_config
+from autosam_core.config import ConfigError, FederationConfig, SiteConfig, load_yaml_config
 from autosam_core.data.dataset import resolve_ref
 
 
