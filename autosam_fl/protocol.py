@@ -97,6 +97,8 @@ MAY_BE_INFINITE = frozenset({"epsilon"})
 #: String fields of the ``site`` ConfigRecord (the only strings a reply may carry).
 SITE_RECORD_KEYS = frozenset({SITE_ID, STATUS, REASON, DEVICE, PRECISION})
 STATUS_VALUES = frozenset({STATUS_TRAINED, STATUS_SKIPPED})
+#: Site-record fields that carry one of a fixed set of values (the audit refuses any other text).
+SITE_RECORD_VALUES = {STATUS: STATUS_VALUES, DEVICE: DEVICE_VALUES, PRECISION: PRECISION_VALUES}
 _NUM = r"[-+0-9.eE]+|inf|nan"
 #: The only texts allowed in ``reason``: fixed wording, numbers only (no file names, no stems).
 REASON_PATTERNS = (

@@ -181,12 +181,8 @@ def check_site_record(record: Mapping[str, Any], site_id: str) -> list[str]:
             out.append(f"site record {key!r} must be a string, found {type(value).__name__}")
         elif key == P.SITE_ID and value != site_id:
             out.append(f"site record {key!r} is {_short(value)}, not this site's id {site_id!r}")
-        elif key == P.STATUS and value not in P.STATUS_VALUES:
-            out.append(f"site record {key!r} is {_short(value)}, not one of {sorted(P.STATUS_VALUES)}")
-        elif key == P.DEVICE and value not in P.DEVICE_VALUES:
-            out.append(f"site record {key!r} is {_short(value)}, not one of {sorted(P.DEVICE_VALUES)}")
-        elif key == P.PRECISION and value not in P.PRECISION_VALUES:
-            out.append(f"site record {key!r} is {_short(value)}, not one of {sorted(P.PRECISION_VALUES)}")
+        elif key in P.SITE_RECORD_VALUES and value not in P.SITE_RECORD_VALUES[key]:
+            out.append(f"site record {key!r} is {_short(value)}, not one of {sorted(P.SITE_RECORD_VALUES[key])}")
         elif key == P.REASON and (len(value) > P.REASON_MAX_CHARS
                                   or not any(p.fullmatch(value) for p in P.REASON_PATTERNS)):
             out.append(f"site record {key!r} is free text {_short(value)}; only fixed reason templates with numbers "

@@ -111,8 +111,7 @@ def check_site(path: str | Path) -> tuple[SiteConfig, Path, int, int]:
         ConfigError: bad YAML, unknown key, wrong type, missing dataset folder or split, or no
         training sample (names the file and the key).
     """
-    from autosam_core.data.dataset import split_validation
-    from autosam_core.data.dataset import resolve_ref
+    from autosam_core.data.dataset import resolve_ref, split_validation
 
     p = Path(path).expanduser().resolve()
     site = load_yaml_config(p, SiteConfig)

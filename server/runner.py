@@ -53,7 +53,7 @@ def checkpoint_metadata(fed: FederationConfig, server_round: int, state: dict, v
     """Metadata of a round's checkpoint: the full ``sam`` and ``model`` configs (``model.dp_compatible``
     included, so :func:`autosam_core.model_factory.model_from_checkpoint` rebuilds the same g), the round,
     hashes, validation, the best round so far and ``runtime`` (the device and precision of the central
-    evaluation and of each site's training, :meth:`FederationRunner.runtime`)."""
+    evaluation and of each site's training, :meth:`FederatedServer.runtime`)."""
     return {"server_round": server_round, "config_hash": config_hash(fed), "model_hash": model_hash(fed),
             "backbone": fed.model.backbone, "sam_kind": fed.sam.kind,
             "sam": fed.sam.model_dump(), "model": fed.model.model_dump(),
