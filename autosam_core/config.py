@@ -234,7 +234,9 @@ class SiteConfig(_Strict):
     the site's own SAM weights file for ViT kinds (relative to the YAML's folder; LiteMedSAM needs
     none): the coordinator sends only the SAM kind and its weights fingerprint, never a path, and a
     site whose weights have another fingerprint refuses to train. hflip: as in :class:`TrainConfig`
-    (mirrored samples from the site's embedding cache).
+    (mirrored samples from the site's embedding cache). optimizer_state: ``reset`` starts a fresh Adam
+    every round; ``keep`` carries the site's Adam moments from one round to the next of the same run,
+    in its state folder, never sent (:mod:`autosam_core.optimizer_state`; not with ``privacy``).
     """
 
     site_id: str
@@ -253,6 +255,14 @@ class SiteConfig(_Strict):
     state_dir: str | None = None
     audit: bool = False
     sam_checkpoint: str | None = None
+    optimizer_state: Literal["reset", "keep"] = "reset"
+
+    @model_validator(mode="after")
+    def _keep_needs_plain_training(self) -> "SiteConfig":
+        if self.optimizer_state == "keep" and self.privacy is not None:
+            raise ValueError("optimizer_state: 'keep' is not available with a 'privacy' section (the DP trainer "
+                             "starts a fresh DP optimizer every round); use optimizer_state: reset")
+        return self
 
 
 class StrategyConfig(_Strict):

@@ -268,6 +268,8 @@ class SiteTrainer:
         site: the site's :class:`SiteConfig`.
         cache_dir: embedding cache root (``site.cache_dir`` wins when set); None -> default.
         base_dir: folder of the site YAML, for relative dataset paths.
+        state_dir: the site's persistent folder, where ``optimizer_state: keep`` keeps its Adam
+            moments between rounds; None keeps them in this object's memory.
 
     Raises:
         ConfigError: missing dataset folder or empty training split (at construction).
@@ -279,7 +281,8 @@ class SiteTrainer:
     CHANNELS_LAST: bool | None = None
 
     def __init__(self, model: AutoSam, site: SiteConfig, cache_dir: Path | None = None,
-                 base_dir: Path | None = None, progress: bool = True):
+                 base_dir: Path | None = None, progress: bool = True, state_dir: Path | None = None):
+        from .optimizer_state import OptimizerStateStore
         from .precision import prefers_channels_last, resolve_device, resolve_precision
 
         self.device = resolve_device(site.device)
@@ -298,6 +301,8 @@ class SiteTrainer:
             root = base_dir / root
         self.cache = EmbeddingCache(model.sam, root)
         self.dataset = AutoSamDataset(model, self.train_pairs, site.augmentation, self.cache, hflip_p=site.hflip)
+        self.optimizer_store = (OptimizerStateStore(Path(state_dir) / f"optimizer-{site.site_id}.pt" if state_dir
+                                                    else None) if site.optimizer_state == "keep" else None)
 
     @property
     def training_precision(self) -> str:
@@ -315,21 +320,32 @@ class SiteTrainer:
         in place since the last round is re-encoded: cache keys follow file bytes)."""
         self.dataset.fill_cache(progress=self.progress, desc=f"{self.site.site_id}: SAM embeddings")
 
-    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0) -> dict:
+    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0, run_id: str = "",
+            server_round: int = 0) -> dict:
         """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`.
 
         ``seed`` fixes everything random here: data order (the DataLoader's generator), augmentation
         (albumentations' own stream) and torch's global RNG inside the run (restored afterwards), so
-        one seed gives bit-identical weights on CPU.
+        one seed gives bit-identical weights on CPU. With the site's ``optimizer_state: keep`` the
+        Adam moments saved by round ``server_round - 1`` of run ``run_id`` are restored first and this
+        round's are saved after (:mod:`autosam_core.optimizer_state`); ``reset``: a fresh Adam.
+
+        Raises:
+            OptimizerStateError: the kept optimizer file is unreadable or does not fit g.
         """
         self.ensure_embeddings()
         opt = torch.optim.Adam(self.model.prompt_generator.parameters(), lr=self.site.lr,
                                weight_decay=self.site.weight_decay)
+        if self.optimizer_store is not None and self.optimizer_store.load_into(opt, run_id, server_round):
+            log.info("site %s: Adam moments of round %d kept (optimizer_state: keep)", self.site.site_id,
+                     server_round - 1)
         self.dataset.reseed(seed)
         loader = make_loader(self.dataset, self.site.batch_size, shuffle=True, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
                                  desc=self.site.site_id)
+        if self.optimizer_store is not None:
+            self.optimizer_store.save(opt, run_id, server_round)
         stats["num_examples"] = self.num_examples
         return stats

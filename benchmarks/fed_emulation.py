@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autosam_core.config import FederationConfig, SiteConfig, load_yaml_config  # noqa: E402
+from autosam_core.config import DataRef, FederationConfig, SiteConfig, load_yaml_config  # noqa: E402
+from autosam_core.data.dataset import resolve_pairs  # noqa: E402
 from autosam_core.evaluation import CentralEvaluator, evaluate_pairs, image_weighted_mean  # noqa: E402
 from autosam_core.model_factory import build_autosam  # noqa: E402
 from autosam_core.training import SiteTrainer  # noqa: E402
@@ -43,6 +44,12 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, help="override every site's local_epochs")
     ap.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = FedAvg)")
     ap.add_argument("--seed", type=int, help="override the YAML's seed (g's initialisation, data order)")
+    ap.add_argument("--keep-optimizer", action="store_true",
+                    help="every site keeps its Adam moments across rounds, in memory (optimizer_state: keep)")
+    ap.add_argument("--server-momentum", type=float, default=0.0,
+                    help="FedAvgM server momentum beta on g's parameters (Hsu et al. 2019; 0 = FedAvg)")
+    ap.add_argument("--extra-validation", nargs="*", default=[], metavar="DATASET:STEMS_FILE",
+                    help="more held-out validation images (never test images), reported per round")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
@@ -57,23 +64,39 @@ def main() -> None:
     for rel in fed.sites:
         site_path = (fed_path.parent / rel).resolve()
         site = load_yaml_config(site_path, SiteConfig).model_copy(update={"device": args.device})
+        if args.keep_optimizer:
+            site = site.model_copy(update={"optimizer_state": "keep"})
         trainers.append(SiteTrainer(model, site, base_dir=site_path.parent, progress=False))
     global_state = {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()}
+    param_keys = {f"prompt_generator.{k}" for k, _ in model.prompt_generator.named_parameters()}
+    velocity = {k: 0.0 for k in param_keys if k in global_state}
+    extra = {}
+    for spec in args.extra_validation:
+        dataset, stems = spec.split(":", 1)
+        extra[f"{dataset}:{Path(stems).name}"] = resolve_pairs(DataRef(dataset=dataset, stems_file=str(Path(stems).resolve())), None)
     history, best = [], None
     for rnd in range(1, rounds + 1):
         states, weights, sites = [], [], {}
         for tr in trainers:
             model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
             epochs = args.local_epochs or tr.site.local_epochs
-            stats = tr.fit(epochs, proximal_mu=args.mu, seed=fed.seed + rnd)
+            stats = tr.fit(epochs, proximal_mu=args.mu, seed=fed.seed + rnd, run_id="emulation", server_round=rnd)
             states.append({k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()})
             weights.append(tr.num_examples)
             sites[tr.site.site_id] = {"loss": float(stats.get("loss", float("nan"))), "steps": stats.get("steps")}
-        global_state = weighted_average(states, weights)
+        averaged = weighted_average(states, weights)
+        if args.server_momentum:
+            for k in velocity:
+                velocity[k] = args.server_momentum * velocity[k] + (averaged[k] - global_state[k])
+                averaged[k] = (global_state[k] + velocity[k]).astype(averaged[k].dtype)
+        global_state = averaged
         model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
         vals = {tr.site.site_id: evaluate_pairs(model, tr.val_pairs, tr.cache) for tr in trainers if tr.val_pairs}
         val_dice = image_weighted_mean(vals, "dice")
+        extra_vals = {k: evaluate_pairs(model, pairs, trainers[0].cache) for k, pairs in extra.items()}
         rec = {"round": rnd, "val_dice": val_dice, "val_dice_per_site": {k: v["dice"] for k, v in vals.items()},
+               "extra_val_dice": image_weighted_mean(extra_vals, "dice") if extra_vals else None,
+               "extra_val_dice_per_set": {k: v["dice"] for k, v in extra_vals.items()},
                "sites": sites, "wall_seconds": time.time() - t0}
         history.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
@@ -83,6 +106,7 @@ def main() -> None:
     evaluator = CentralEvaluator(model, fed.evaluate, base_dir=fed_path.parent, device=args.device)
     test = {k: v["dice"] for k, v in evaluator.evaluate().items()}
     out = {"federation": fed.name, "seed": fed.seed, "rounds": rounds, "local_epochs": args.local_epochs, "mu": args.mu,
+           "keep_optimizer": args.keep_optimizer, "server_momentum": args.server_momentum,
            "device": str(trainers[0].device), "precision": trainers[0].precision, "history": history,
            "best": best, "test_dice_of_best": test, "wall_seconds": time.time() - t0}
     print(json.dumps(out, indent=1))

@@ -140,7 +140,8 @@ def check_sam_weights(model, expected: str, site: SiteConfig, yaml_path: Path) -
 
 
 def site_state_dir(site: SiteConfig, yaml_path: Path) -> Path:
-    """The site's persistent folder (privacy ledger ``privacy-<site_id>.json``, audit report).
+    """The site's persistent folder (privacy ledger ``privacy-<site_id>.json``, audit report, the Adam
+    moments of ``optimizer_state: keep``: ``optimizer-<site_id>.pt``).
 
     In order: the site YAML's ``state_dir`` (relative to the YAML's folder), ``$AUTOSAM_SITE_STATE``,
     else ``<embedding cache root>/site-state`` (cache root: the YAML's ``cache_dir``, else
@@ -233,7 +234,8 @@ def get_site_runtime(context: Context, config: ConfigRecord) -> SiteRuntime:
                  f"{site.privacy.delta:g} spent before this round (earlier rounds or runs)" if led.steps
                  else "new (nothing spent yet)")
     else:
-        trainer = SiteTrainer(model, site, cache_dir=None, base_dir=yaml_path.parent, progress=PROGRESS)
+        trainer = SiteTrainer(model, site, cache_dir=None, base_dir=yaml_path.parent, progress=PROGRESS,
+                              state_dir=state_dir)
     audit = expected = None
     if audit_enabled(context.node_config, site.audit):
         audit = ReplyAudit(site.site_id, audit_dir(context.node_config, state_dir))
@@ -398,7 +400,8 @@ def train(msg: Message, context: Context) -> Message:
         rt.model.load_trainable_state(received_state(msg.content[P.ARRAYS], dtype))
         epochs = int(config.get(P.LOCAL_EPOCHS, 0)) or rt.site.local_epochs
         mu = float(config.get(P.PROXIMAL_MU, 0.0))
-        stats = rt.trainer.fit(epochs, proximal_mu=mu, seed=int(config.get(P.SEED, 0)) + server_round)
+        stats = rt.trainer.fit(epochs, proximal_mu=mu, seed=int(config.get(P.SEED, 0)) + server_round,
+                               run_id=str(context.run_id), server_round=server_round)
         if stats.get("skip_reason"):
             log.warning("site %s did not train in round %d: %s", label, server_round, stats["skip_reason"])
         content = RecordDict({

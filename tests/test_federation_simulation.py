@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import server  # noqa: F401  (imports flwr's CLI deps quietly; see server/__init__.py)
@@ -67,9 +68,14 @@ def _ckpt_state(path: Path) -> dict:
 
 
 def test_site_failure_then_resume(tmp_path, no_leftover_processes):
-    fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1, "site_c": 1}, rounds=2, min_sites=2)
+    fed = make_federation(tmp_path, sites={"site_a": 1, "site_b": 1, "site_c": 1}, rounds=2, min_sites=2,
+                          site_options={"site_a": {"optimizer_state": "keep"}})
     lines: list[str] = []
     run_dir = run_simulation_from_yaml(fed, echo=lines.append, timeout=300, extra_env=fault_env("site_b@2"))
+    # site_a keeps its Adam moments in its state folder: 1 step per round, carried into round 2
+    kept = torch.load(tmp_path / "cache" / "site-state" / "optimizer-site_a.pt", weights_only=True)
+    assert kept["server_round"] == 2 and {float(v["step"]) for v in kept["optimizer"]["state"].values()} == {2.0}
+    assert not list((tmp_path / "cache" / "site-state").glob("optimizer-site_[bc].pt"))  # reset: nothing kept
     s1 = json.loads((run_dir / "summary.json").read_text())
     assert s1["status"] == "completed" and [r["round"] for r in s1["rounds"]] == [0, 1, 2]
     r1, r2 = s1["rounds"][1], s1["rounds"][2]
@@ -114,6 +120,10 @@ def test_site_failure_then_resume(tmp_path, no_leftover_processes):
         assert old["benchmarks"] == new["benchmarks"] and old.get("sites") == new.get("sites")
     assert set(s2["rounds"][3]["sites"]) == {"site_a", "site_b", "site_c"}
     assert _ckpt_state(run_dir / "checkpoints" / "last.pt")["metadata"]["server_round"] == 3
+    kept3 = torch.load(tmp_path / "cache" / "site-state" / "optimizer-site_a.pt", weights_only=True)
+    # the resumed federation is another run: round 3 starts a fresh Adam (1 step, not 3)
+    assert kept3["server_round"] == 3 and kept3["run_id"] != kept["run_id"]
+    assert {float(v["step"]) for v in kept3["optimizer"]["state"].values()} == {1.0}
     assert "\n3,bench,test," in (run_dir / "metrics.csv").read_text()
 
 

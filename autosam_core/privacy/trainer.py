@@ -347,7 +347,8 @@ class DPSiteTrainer(SiteTrainer):
         return self.ledger.would_exceed(self.privacy.target_epsilon, self.privacy.delta,
                                         epochs * self.steps_per_epoch, sigma, self.sample_rate)
 
-    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0, insecure_seed: int | None = None) -> dict:
+    def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0, run_id: str = "", server_round: int = 0,
+            insecure_seed: int | None = None) -> dict:
         """One round of DP training of g in place, or nothing if the budget would be exceeded.
 
         The ledger is re-read from its file first, so a long-lived trainer never accounts from a stale
@@ -356,7 +357,8 @@ class DPSiteTrainer(SiteTrainer):
         Args:
             epochs: local epochs. proximal_mu: FedProx mu.
             seed: accepted for :class:`SiteTrainer` compatibility and ignored: a public seed must not
-                drive DP sampling or noise.
+                drive DP sampling or noise. run_id, server_round: accepted and ignored (a DP site
+                cannot keep its optimizer state; :class:`SiteConfig` refuses ``optimizer_state: keep``).
             insecure_seed: reproducible sampling/noise for tests only (voids the guarantee).
 
         Returns:
