@@ -1,15 +1,18 @@
 """FedAvg in one process, without Flower: a quick way to compare federated recipes (issue 10).
 
     .venv/bin/python benchmarks/fed_emulation.py sites/polyp/federation_cpu.yaml [--rounds 12]
-        [--local-epochs 1] [--mu 0.0] [--device auto] [--json out.json]
+        [--local-epochs 1] [--mu 0.0] [--keep-optimizer] [--server-momentum 0.9]
+        [--extra-validation DATASET:STEMS_FILE ...] [--device auto] [--json out.json]
 
 Every round, each site of the federation YAML trains the global trainable state with the project's
 own :class:`autosam_core.training.SiteTrainer` (seed = federation seed + round, as ``client.app``
 does), the states are averaged with :func:`server.aggregation.weighted_average` weighted by each
 site's num-examples (FedAvg, McMahan et al. 2017, eq. of Algorithm 1), and the global model is
 validated on the sites' held-out splits (image-weighted mean Dice, as the server's federated
-evaluation). The best round on validation is then evaluated once on the federation's ``evaluate``
-list (test splits: reported, never used to choose). Sites share one SAM and one model object; what
+evaluation; ``--extra-validation`` scores more held-out images, never test images, every round).
+``--keep-optimizer``: every site keeps its Adam moments across rounds (``optimizer_state: keep``, in
+memory); ``--server-momentum``: FedAvgM on g's parameters (server lr 1; Hsu et al. 2019). The best
+round on validation is then evaluated once on the federation's ``evaluate`` list (test splits: reported, never used to choose). Sites share one SAM and one model object; what
 this leaves out of a real federation is only transport (Flower messages, wire dtype float32).
 
 Prints one JSON object: per-round validation Dice and loss per site, the best round, its test Dice
