@@ -17,15 +17,15 @@ emulation) the moments stay in memory.
 
 from __future__ import annotations
 
-import io
+import copy
 import logging
 from pathlib import Path
 
 import torch
 
-from .files import atomic_write_bytes
+from .checkpoint import atomic_torch_save
 
-log = logging.getLogger("autosam.training")
+log = logging.getLogger(__name__)
 
 
 class OptimizerStateError(RuntimeError):
@@ -96,15 +96,8 @@ class OptimizerStateStore:
 
     def save(self, optimizer: torch.optim.Optimizer, run_id: str, server_round: int) -> None:
         """Keep ``optimizer``'s state as round ``server_round`` of run ``run_id`` (atomic file write)."""
-        state = optimizer.state_dict()
-        state = {"state": {i: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-                           for i, s in state["state"].items()},
-                 "param_groups": state["param_groups"]}
-        rec = {"run_id": str(run_id), "server_round": int(server_round), "optimizer": state}
+        rec = {"run_id": str(run_id), "server_round": int(server_round), "optimizer": optimizer.state_dict()}
         if self.path is None:
-            self._memory = rec
-            return
-        buf = io.BytesIO()
-        torch.save(rec, buf)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, buf.getvalue())
+            self._memory = copy.deepcopy(rec)  # state_dict() holds the live moment tensors
+        else:
+            atomic_torch_save(rec, self.path)

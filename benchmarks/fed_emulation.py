@@ -12,8 +12,9 @@ validated on the sites' held-out splits (image-weighted mean Dice, as the server
 evaluation; ``--extra-validation`` scores more held-out images, never test images, every round).
 ``--keep-optimizer``: every site keeps its Adam moments across rounds (``optimizer_state: keep``, in
 memory); ``--server-momentum``: FedAvgM on g's parameters (server lr 1; Hsu et al. 2019). The best
-round on validation is then evaluated once on the federation's ``evaluate`` list (test splits: reported, never used to choose). Sites share one SAM and one model object; what
-this leaves out of a real federation is only transport (Flower messages, wire dtype float32).
+round on validation is then evaluated once on the federation's ``evaluate`` list (test splits:
+reported, never used to choose). Sites share one SAM and one model object; what this leaves out
+of a real federation is only transport (Flower messages, wire dtype float32).
 
 Prints one JSON object: per-round validation Dice and loss per site, the best round, its test Dice
 per benchmark, and wall seconds. Use it on a GPU machine to explore budgets in minutes; numbers
@@ -71,19 +72,20 @@ def main() -> None:
             site = site.model_copy(update={"optimizer_state": "keep"})
         trainers.append(SiteTrainer(model, site, base_dir=site_path.parent, progress=False))
     global_state = {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()}
-    param_keys = {f"prompt_generator.{k}" for k, _ in model.prompt_generator.named_parameters()}
-    velocity = {k: 0.0 for k in param_keys if k in global_state}
+    velocity = {f"prompt_generator.{k}": 0.0 for k, _ in model.prompt_generator.named_parameters()}
     extra = {}
     for spec in args.extra_validation:
         dataset, stems = spec.split(":", 1)
-        extra[f"{dataset}:{Path(stems).name}"] = resolve_pairs(DataRef(dataset=dataset, stems_file=str(Path(stems).resolve())), None)
+        ref = DataRef(dataset=dataset, stems_file=str(Path(stems).resolve()))
+        extra[f"{dataset}:{Path(stems).name}"] = resolve_pairs(ref)
     history, best = [], None
     for rnd in range(1, rounds + 1):
         states, weights, sites = [], [], {}
         for tr in trainers:
             model.load_trainable_state({k: torch.from_numpy(v) for k, v in global_state.items()})
             epochs = args.local_epochs or tr.site.local_epochs
-            stats = tr.fit(epochs, proximal_mu=args.mu, seed=fed.seed + rnd, run_id="emulation", server_round=rnd)
+            stats = tr.fit(epochs, proximal_mu=args.mu, seed=fed.seed + rnd, run_id="emulation",
+                           server_round=rnd)
             states.append({k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()})
             weights.append(tr.num_examples)
             sites[tr.site.site_id] = {"loss": float(stats.get("loss", float("nan"))), "steps": stats.get("steps")}

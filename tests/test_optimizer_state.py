@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autosam_core.config import ConfigError, DataRef, ModelConfig, PrivacyConfig, SamConfig, SiteConfig, load_yaml_config
+from autosam_core.config import (ConfigError, DataRef, ModelConfig, PrivacyConfig, SamConfig, SiteConfig,
+                                 load_yaml_config)
 from autosam_core.model_factory import build_autosam
 from autosam_core.optimizer_state import OptimizerStateError, OptimizerStateStore
 from autosam_core.training import SiteTrainer
