@@ -28,8 +28,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     summary_path = Path(run_dir) / "summary.json"
     if summary_path.is_file():
         print(format_federation_summary(json.loads(summary_path.read_text())))
-    print(f"outputs in {run_dir}")
+    print(format_run_outputs(Path(run_dir)))
     return 0
+
+
+def format_run_outputs(run_dir: Path) -> str:
+    """The lines `autosam simulate` ends with: the run folder and, by absolute path, each of the run's
+    outputs that exists (summary, per-round metrics, Dice plot, prediction grid, checkpoints)."""
+    names = ("summary.json", "metrics.csv", "global_dice.png", "predictions.png", "epsilon.png",
+             "checkpoints/best.pt", "checkpoints/last.pt")
+    run_dir = run_dir.resolve()
+    return "\n".join([f"outputs in {run_dir}:"] + [f"  {run_dir / n}" for n in names if (run_dir / n).is_file()])
 
 
 def format_federation_summary(summary: dict) -> str:
@@ -50,7 +59,9 @@ def format_federation_summary(summary: dict) -> str:
     best = summary.get("best") or {}
     lines += ["", "sites: " + ", ".join(f"{k} ({n} training images, {mb.get(k, 0):.0f} MB per round)"
                                         for k, n in sites.items()),
-              f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"]
+              f"best round on validation: {best.get('round', '-')}; wall time {summary.get('wall_seconds', 0):.0f} s"
+              + (f" (ServerApp; {summary['launcher']['total_wall_seconds']:.0f} s with Flower's start-up and shutdown)"
+                 if (summary.get("launcher") or {}).get("total_wall_seconds") is not None else "")]
     kept = next((r for r in rounds if best and r["round"] == best.get("round")), None)
     if kept is not None:  # the model the run keeps (checkpoints/best.pt), chosen on the sites' validation only
         lines.append(f"model kept: round {kept['round']} (checkpoints/best.pt, chosen on the sites' validation): "

@@ -319,6 +319,10 @@ class FederatedServer:
         outputs.write_json(self.run_dir / "history.json", self.history)
         self._write_summary("running", None)
         self._log_round(rec, report)
+        if server_round < self.fed.rounds - self.offset:  # the strategy now sends g to the sites
+            log.info("round %d/%d: g sent to the sites, waiting for their training replies%s", rnd + 1, self.fed.rounds,
+                     " (a site's first round also encodes its training images with the frozen SAM once, "
+                     "~2-3 s per image on a CPU, unless its embedding cache is filled)" if server_round == 0 else "")
         flat: dict[str, float] = {}
         for label, m in bench.items():
             flat[f"{label}/dice"], flat[f"{label}/iou"] = float(m["dice"]), float(m["iou"])

@@ -20,6 +20,20 @@ def test_federation_summary_table():
     assert "model kept: round 1 (checkpoints/best.pt, chosen on the sites' validation): A 50.0 Dice (%)" in text
     del summary["best"]
     assert "model kept" not in format_federation_summary(summary)
+    assert "wall time 61 s\n" in text + "\n" and "ServerApp" not in text  # no launcher record: one time
+    summary["launcher"] = {"total_wall_seconds": 70.4}
+    assert "wall time 61 s (ServerApp; 70 s with Flower's start-up and shutdown)" in format_federation_summary(summary)
+
+
+def test_run_outputs_lists_the_files_that_exist_by_absolute_path(tmp_path):
+    from server.autosam_cli import format_run_outputs
+
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("summary.json", "predictions.png", "checkpoints/best.pt"):
+        (tmp_path / name).write_text("x")
+    lines = format_run_outputs(tmp_path).splitlines()
+    assert lines == [f"outputs in {tmp_path.resolve()}:", f"  {tmp_path.resolve() / 'summary.json'}",
+                     f"  {tmp_path.resolve() / 'predictions.png'}", f"  {tmp_path.resolve() / 'checkpoints/best.pt'}"]
 
 
 def test_evaluation_table_in_percent():
