@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .files import atomic_write_json
 
 log = logging.getLogger("autosam")
@@ -331,6 +332,7 @@ def build_parser(extra_commands=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autosam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logs of AutoSAM-FL (other libraries stay at INFO)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="centralised training from a YAML config")

@@ -45,8 +45,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="autosam-server", description="Start a SuperLink and run an AutoSAM-FL "
                                  "federation on real sites (TLS and site authentication by default).")
     ap.add_argument("federation", help="federation YAML")
-    ap.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for all)")
-    ap.add_argument("--port", type=int, default=9092, help="SuperLink port (one port for sites and control)")
+    ap.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1; 0.0.0.0 for all)")
+    ap.add_argument("--port", type=int, default=9092, help="SuperLink port, one port for sites and control (default 9092)")
     ap.add_argument("--superlink", default=None, metavar="HOST:PORT",
                     help="use this running SuperLink instead of starting one")
     ap.add_argument("--certs", default=None, help="folder with ca.crt, server.pem, server.key (server.certs layout)")

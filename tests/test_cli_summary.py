@@ -141,3 +141,15 @@ def test_verbose_puts_only_the_projects_loggers_at_debug():
         logging.getLogger().setLevel(root_level)
         for name in cli.PROJECT_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_autosam_version_names_the_package_version(capsys):
+    import pytest
+
+    import autosam_core
+    from autosam_core.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"autosam {autosam_core.__version__}"
