@@ -35,8 +35,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def format_run_outputs(run_dir: Path) -> str:
     """The lines `autosam simulate` ends with: the run folder and, by absolute path, each of the run's
     outputs that exists (summary, per-round metrics, Dice plot, prediction grid, checkpoints)."""
+    from server.outputs import BEST, LAST
+
     names = ("summary.json", "metrics.csv", "global_dice.png", "predictions.png", "epsilon.png",
-             "checkpoints/best.pt", "checkpoints/last.pt")
+             f"checkpoints/{BEST}", f"checkpoints/{LAST}")
     run_dir = run_dir.resolve()
     return "\n".join([f"outputs in {run_dir}:"] + [f"  {run_dir / n}" for n in names if (run_dir / n).is_file()])
 
