@@ -237,6 +237,10 @@ class SiteConfig(_Strict):
     (mirrored samples from the site's embedding cache). optimizer_state: ``reset`` starts a fresh Adam
     every round; ``keep`` carries the site's Adam moments from one round to the next of the same run,
     in its state folder, never sent (:mod:`autosam_core.optimizer_state`; not with ``privacy``).
+    local_steps: optimizer steps per round instead of whole epochs (null: ``local_epochs`` epochs):
+    each round trains on the first ``local_steps`` batches of that round's seeded shuffle, so two
+    rounds of half an epoch's steps see about one epoch's samples (more, shorter rounds at the same
+    budget; McMahan et al. 2017 vary the local steps E*n/B the same way); not with ``privacy``.
     """
 
     site_id: str
@@ -256,12 +260,16 @@ class SiteConfig(_Strict):
     audit: bool = False
     sam_checkpoint: str | None = None
     optimizer_state: Literal["reset", "keep"] = "reset"
+    local_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _keep_needs_plain_training(self) -> "SiteConfig":
         if self.optimizer_state == "keep" and self.privacy is not None:
             raise ValueError("optimizer_state: 'keep' is not available with a 'privacy' section (the DP trainer "
                              "starts a fresh DP optimizer every round); use optimizer_state: reset")
+        if self.local_steps is not None and self.privacy is not None:
+            raise ValueError(f"local_steps: {self.local_steps} is not available with a 'privacy' section (the DP "
+                             "accountant counts whole local epochs); remove local_steps and set local_epochs")
         return self
 
 

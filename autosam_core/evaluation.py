@@ -18,7 +18,7 @@ from .autosam import AutoSam
 from .config import DataRef
 from .data.cache import EmbeddingCache, mirror
 from .data.dataset import Pair, resolve_data, resolve_pairs
-from .data.io import load_image, load_mask
+from .data.io import image_size, load_image, load_mask
 from .metrics import dice_iou
 
 
@@ -41,7 +41,9 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
     Images are processed in batches of ``batch_size`` (one batched g and SAM-decoder call each);
     with ``model.tta`` "hflip" the mirrored images' embeddings are cached (or encoded) too; each
     prediction is postprocessed to its image's original size and thresholded at logits > 0,
-    then compared with the full-resolution ground truth. ``model.refine`` applies.
+    then compared with the full-resolution ground truth. ``model.refine`` applies. With a cache and a
+    g that reads no image (``sam_head``) the image pixels are never decoded: the size comes from the
+    file's header (:func:`autosam_core.data.io.image_size`).
 
     Returns:
         {"dice", "iou" (means in [0, 1]), "boundary_ratio" (mean predicted / ground-truth boundary
@@ -66,7 +68,11 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            images = [load_image(p.image_path) for p in chunk]
+            # pixels only where g reads the image or SAM must encode it; else the header's size will do
+            images = ([load_image(p.image_path) for p in chunk] if model.reads_images or cache is None
+                      else None)
+            sizes = ([im.shape[:2] for im in images] if images is not None
+                     else [image_size(p.image_path) for p in chunk])
             g_in = torch.stack([model.g_input(im) for im in images]) if model.reads_images else None
             emb = emb_m = g_in_m = None
             if needs_embeddings:
@@ -74,14 +80,14 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
             if tta:
                 emb_m = _embeddings(model, chunk, images, cache, hflip=True)
                 g_in_m = torch.stack([model.g_input(mirror(im)) for im in images]) if model.reads_images else None
-            valid = [resized_shape(im.shape[:2], sam.spec.low_res_size[0]) for im in images]
+            valid = [resized_shape(size, sam.spec.low_res_size[0]) for size in sizes]
             with autocast(sam.device, sam.precision):
                 low = (model.surrogate_logits(g_in, emb) if surrogate
                        else model.predict_low_res(emb, g_in, valid=valid, mirrored_embeddings=emb_m,
                                                   mirrored_g_inputs=g_in_m)).float().cpu()
-            for i, (pair, image) in enumerate(zip(chunk, images)):
-                input_size = resized_shape(image.shape[:2], sam.spec.input_size)
-                logits = sam.postprocess(low[i:i + 1], input_size, image.shape[:2])[0, 0]
+            for i, (pair, size) in enumerate(zip(chunk, sizes)):
+                input_size = resized_shape(size, sam.spec.input_size)
+                logits = sam.postprocess(low[i:i + 1], input_size, size)[0, 0]
                 pred, gt = (logits > 0).numpy(), load_mask(pair.mask_path) > 0
                 d, j = dice_iou(pred, gt)
                 results.append(ImageResult(pair.stem, d, j, boundary_ratio(pred, gt)))
@@ -97,10 +103,11 @@ def evaluate_pairs(model: AutoSam, pairs: Sequence[Pair], cache: EmbeddingCache 
             "num_images": n, "seconds_per_image": (time.perf_counter() - t0) / max(n, 1), "per_image": results}
 
 
-def _embeddings(model: AutoSam, chunk: Sequence[Pair], images: Sequence[np.ndarray],
+def _embeddings(model: AutoSam, chunk: Sequence[Pair], images: Sequence[np.ndarray] | None,
                 cache: EmbeddingCache | None, hflip: bool) -> torch.Tensor:
     """SAM image_embeddings (B, 256, 64, 64) of a batch (mirrored left-right first when ``hflip``), from
-    the cache when there is one, else encoded now; on SAM's device."""
+    the cache when there is one (``images`` may then be None), else encoded now from ``images``; on
+    SAM's device."""
     sam = model.sam
     if cache is not None:
         return torch.stack([cache.get(p.image_path, hflip=hflip) for p in chunk]).to(sam.device)

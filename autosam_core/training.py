@@ -83,8 +83,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, schedule: st
 def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer: torch.optim.Optimizer,
                  proximal_mu: float = 0.0, progress: bool = True, desc: str = "train",
                  recalibrate_bn: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Train g for ``epochs`` epochs with frozen SAM (paper section 3).
+                 scaler: torch.amp.GradScaler | None = None, max_steps: int | None = None) -> dict:
+    """Train g for ``epochs`` epochs with frozen SAM (paper section 3), or ``max_steps`` steps.
 
     g and SAM's decoder run under autocast in ``model.sam.precision`` (see
     :mod:`autosam_core.precision`); the loss, master weights and optimizer state stay float32.
@@ -95,6 +95,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
             (:func:`recalibrate_batchnorm`), so that eval-mode predictions match training.
         scheduler: optional per-step learning-rate scheduler (:func:`lr_schedule`).
         scaler: optional gradient scaler (fp16 on CUDA, :func:`autosam_core.precision.grad_scaler`).
+        max_steps: stop after this many optimizer steps (within ``epochs``; None: whole epochs); the
+            BatchNorm recalibration then reads as many batches.
 
     Returns:
         {"loss": mean loss of the last epoch, "dice": mean train Dice of the last epoch,
@@ -119,6 +121,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
         bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")
         t_wait = time.perf_counter()
         for batch in bar:
+            if max_steps is not None and steps >= max_steps:
+                break
             data_seconds += time.perf_counter() - t_wait
             b = batch["target"].shape[0]
             if b == 0:
@@ -148,7 +152,7 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}")
     if recalibrate_bn and steps:
-        recalibrate_batchnorm(model, loader)
+        recalibrate_batchnorm(model, loader, max_batches=max_steps)
     return {"loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1), "num_examples": n,
             "seconds": time.perf_counter() - t0, "steps": steps, "data_seconds": data_seconds}
 
@@ -322,7 +326,8 @@ class SiteTrainer:
 
     def fit(self, epochs: int, proximal_mu: float = 0.0, seed: int = 0, run_id: str = "",
             server_round: int = 0) -> dict:
-        """Train the model in place for ``epochs`` local epochs; see :func:`train_epochs`.
+        """Train the model in place for ``epochs`` local epochs, or the site's ``local_steps`` steps when
+        set (then ``epochs`` is ignored); see :func:`train_epochs`.
 
         ``seed`` fixes everything random here: data order (the DataLoader's generator), augmentation
         (albumentations' own stream) and torch's global RNG inside the run (restored afterwards), so
@@ -341,10 +346,13 @@ class SiteTrainer:
                      server_round - 1)
         self.dataset.reseed(seed)
         loader = make_loader(self.dataset, self.site.batch_size, shuffle=True, seed=seed)
+        steps = self.site.local_steps
+        if steps is not None:  # the site's local_steps replace whole epochs (and a server's local-epochs)
+            epochs = math.ceil(steps / max(len(loader), 1))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
-                                 desc=self.site.site_id)
+                                 desc=self.site.site_id, max_steps=steps)
         if self.optimizer_store is not None:
             self.optimizer_store.save(opt, run_id, server_round)
         stats["num_examples"] = self.num_examples

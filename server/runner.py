@@ -243,7 +243,10 @@ class FederatedServer:
         self.val_evaluator = CentralEvaluator(self.model, fed.validation, self.cache_dir,
                                               base_dir=self.fed_path.parent, **runtime) if fed.validation else None
         sam = self.model.sam
-        log.info("central evaluation: device %s, precision %s", sam.device, sam.precision)
+        import torch
+
+        log.info("central evaluation: device %s, precision %s, %d torch threads", sam.device, sam.precision,
+                 torch.get_num_threads())
         self.strategy = build_strategy(
             fed.strategy.name, fed.strategy.mu, min_sites=fed.min_sites, round_timeout=fed.round_timeout,
             node_sites=self.node_sites, federated_validation=not fed.validation, round_offset=self.offset,

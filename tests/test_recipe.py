@@ -357,6 +357,47 @@ def test_evaluation_with_hflip_tta_caches_and_uses_the_mirrored_embeddings(tiny_
         assert r.dice == pytest.approx(dice_iou(pred.numpy(), np.asarray(Image.open(pair.mask_path)) > 0)[0], abs=1e-6)
 
 
+def test_evaluation_from_the_cache_decodes_no_image_when_g_reads_none(tiny_sam, tmp_path, monkeypatch):
+    """sam_head reads only the cached embeddings: evaluation takes each image's size from its header and
+    never decodes its pixels (issue 9: 0.3 s of a demo round's 4.5 s central evaluation), same Dice."""
+    from PIL import Image
+
+    import autosam_core.evaluation as evaluation
+    from autosam_core.data.cache import EmbeddingCache
+    from autosam_core.data.dataset import Pair
+    from autosam_core.metrics import dice_iou
+
+    rng = np.random.default_rng(2)
+    pairs = []
+    for i, (h, w) in enumerate([(30, 50), (44, 36)]):  # wide and tall: the size decides the valid region
+        im, mk = tmp_path / f"im{i}.png", tmp_path / f"mk{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(im)
+        m = np.zeros((h, w), np.uint8)
+        m[4:20, 6:30] = 255
+        Image.fromarray(m, mode="L").save(mk)
+        pairs.append(Pair(f"s{i}", im, mk))
+    model = build_autosam(SamConfig(kind="tiny"), ModelConfig(preset="sam_head", head_channels=16), sam=tiny_sam)
+    cache = EmbeddingCache(tiny_sam, tmp_path / "cache")
+    cache.ensure([p.image_path for p in pairs], evaluation.load_image, progress=False)
+
+    def no_decoding(path):
+        raise AssertionError(f"pixels of {path} decoded")
+
+    monkeypatch.setattr(evaluation, "load_image", no_decoding)
+    res = evaluation.evaluate_pairs(model, pairs, cache, batch_size=2)
+    monkeypatch.undo()
+    assert res["num_images"] == 2
+    for pair, r in zip(pairs, res["per_image"]):  # by hand, from the decoded image
+        image = np.asarray(Image.open(pair.image_path).convert("RGB"))
+        pred = model.predict_logits(image, cache.get(pair.image_path)) > 0
+        assert pred.shape == image.shape[:2]
+        assert r.dice == pytest.approx(dice_iou(pred.numpy(), np.asarray(Image.open(pair.mask_path)) > 0)[0], abs=1e-6)
+    paper = build_autosam(SamConfig(kind="tiny"), ModelConfig(backbone="hardnet68", g_input_size=64), sam=tiny_sam)
+    monkeypatch.setattr(evaluation, "load_image", no_decoding)
+    with pytest.raises(AssertionError, match="decoded"):  # a g that reads the image still gets its pixels
+        evaluation.evaluate_pairs(paper, pairs, cache, batch_size=2)
+
+
 def test_cli_evaluates_the_validation_hold_out_with_tta(tiny_sam, tmp_path, caplog, capsys):
     import json
 
