@@ -116,6 +116,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     t0, steps, loss_sum, dice_sum, n, data_seconds = time.perf_counter(), 0, 0.0, 0.0, 0, 0.0
     for epoch in range(epochs):
+        if max_steps is not None and steps >= max_steps:
+            break  # the last epoch's statistics stay those of the batches trained
         loss_sum, dice_sum, n = 0.0, 0.0, 0
         label = f"{desc} epoch {epoch + 1}/{epochs}" if epochs > 1 else desc
         bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")

@@ -46,3 +46,16 @@ def test_local_steps_are_refused_with_privacy_and_checked(tmp_path):
     y.write_text("site_id: a\ndata: {dataset: x}\nlocal_steps: 0\n")
     with pytest.raises(ConfigError, match="local_steps"):
         load_yaml_config(y, SiteConfig)
+
+
+def test_max_steps_at_an_epoch_end_keeps_that_epochs_loss(tiny_sam, tmp_path):
+    from autosam_core.data.torch_dataset import make_loader
+    from autosam_core.training import train_epochs
+
+    trainer = _trainer(tiny_sam, tmp_path, None)  # 5 batches per epoch
+    trainer.ensure_embeddings()
+    loader = make_loader(trainer.dataset, 2, shuffle=True, seed=0)
+    opt = torch.optim.Adam(trainer.model.prompt_generator.parameters(), lr=1e-3)
+    stats = train_epochs(trainer.model, loader, 3, opt, progress=False, max_steps=5)
+    assert stats["steps"] == 5
+    assert stats["num_examples"] == 10 and stats["loss"] > 0  # not an empty third epoch's zeros
