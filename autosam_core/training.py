@@ -351,6 +351,8 @@ class SiteTrainer:
         steps = self.site.local_steps
         if steps is not None:  # the site's local_steps replace whole epochs (and a server's local-epochs)
             epochs = math.ceil(steps / max(len(loader), 1))
+            log.info("site %s: %d local steps this round (local_steps; %d batches per epoch)", self.site.site_id,
+                     steps, len(loader))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             stats = train_epochs(self.model, loader, epochs, opt, proximal_mu=proximal_mu, progress=self.progress,
