@@ -123,8 +123,6 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
         bar = tqdm(loader, desc=label, leave=False, disable=not progress, unit="batch")
         t_wait = time.perf_counter()
         for batch in bar:
-            if max_steps is not None and steps >= max_steps:
-                break
             data_seconds += time.perf_counter() - t_wait
             b = batch["target"].shape[0]
             if b == 0:
@@ -150,6 +148,8 @@ def train_epochs(model: AutoSam, loader: Iterable[dict], epochs: int, optimizer:
             steps += 1
             loss_sum, dice_sum, n = loss_sum + loss.item() * b, dice_sum + dice * b, n + b
             bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{dice:.3f}")
+            if max_steps is not None and steps >= max_steps:
+                break  # before the loader reads a batch that would not be trained on
             t_wait = time.perf_counter()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}")
